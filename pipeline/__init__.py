@@ -1,0 +1,1 @@
+"""quantpipe: a staged, cached pipeline from Hugging Face LLMs to quantized TensorRT artifacts."""

@@ -1,0 +1,295 @@
+"""The `quantpipe` command. The only place that maps errors to exit codes and prints for people or machines."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline import host, runner, targets
+from pipeline.errors import BadInput, QuantpipeError
+from pipeline.publish import published_keys
+from pipeline.recipe import load_recipe, presets
+from pipeline.stages import NAMES, by_name
+from pipeline.store import ArtifactStore, gc
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "datasets", "safetensors", "onnx", "onnxruntime", "gguf",
+             "tensorrt-rtx", "tensorrt-llm", "ray")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*", text.lower())
+    if not match:
+        raise BadInput(f"size '{text}' not understood; write e.g. 500M or 20G")
+    return int(float(match[1]) * 1024 ** " kmgt".index(match[2] or " "))
+
+
+def _parse_age(text: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text.lower())
+    if not match:
+        raise BadInput(f"age '{text}' not understood; write e.g. 12h or 7d")
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def _emit(as_json: bool, data: object, render: Callable[[], None]) -> None:
+    if as_json:
+        out.print_json(json.dumps(data, default=str))
+    else:
+        render()
+
+
+def common(func: Callable) -> Callable:
+    """Options every command takes, plus the error handling that gives stable exit codes."""
+
+    @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                  help="Artifact store root (default: $QUANTPIPE_CACHE or ~/.cache/quantpipe).")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+    @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+    @functools.wraps(func)
+    def wrapper(cache_dir: Path | None, as_json: bool, verbose: int, **kwargs):
+        level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+        logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)],
+                            force=True)
+        store = ArtifactStore(cache_dir or ArtifactStore.default_root())
+        try:
+            func(store=store, as_json=as_json, **kwargs)
+        except QuantpipeError as exc:
+            if as_json:
+                out.print_json(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
+            err.print(f"[bold red]quantpipe: error:[/] {exc}", markup=True, highlight=False)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("quantpipe: interrupted; nothing half-written was kept, rerun to resume")
+            sys.exit(130)
+
+    return wrapper
+
+
+recipe_argument = click.argument("recipe", required=False)
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override a recipe field, e.g. --set calibration.samples=64 (repeatable).")
+until_option = click.option("--until", type=click.Choice(NAMES), help="Stop after this stage.")
+force_option = click.option("--force", multiple=True, type=click.Choice([*NAMES]),
+                            help="Rebuild this stage and everything after it (repeatable).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quantpipe")
+def main() -> None:
+    """quantpipe: Hugging Face LLM -> calibrated, quantized, exported, built and verified TensorRT artifacts.
+
+    RECIPE is a preset name (see `quantpipe targets` and pipeline/recipes/) or a YAML file; default: the
+    `default` preset (bundled SmolLM2-135M-Instruct, FP8, Ada).
+    Exit codes: 0 ok, 1 bug, 2 bad input, 3 unsupported on the target GPU, 4 host lacks what a stage needs,
+    5 verification below threshold.
+    """
+
+
+class ConsoleReporter(runner.Reporter):
+    """Progress bars on an interactive terminal; nothing otherwise (quiet for cron)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True,
+                                 disable=not enabled)
+        self.task = None
+
+    def stage_started(self, step: runner.Step) -> None:
+        if not step.hit:
+            self.task = self.progress.add_task(f"{step.stage.name}", total=None)
+        logging.getLogger("pipeline").info("%s: %s", step.stage.name, "hit" if step.hit else "running")
+
+    def stage_finished(self, outcome: runner.Outcome) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+
+    def track(self, items: Iterable, total: int | None = None, description: str = "") -> Iterable:
+        return self.progress.track(items, total=total, description=f"  {description}")
+
+
+def _summary_table(outcomes: list[runner.Outcome], seconds: float) -> Table:
+    table = Table(title=f"quantpipe run ({seconds:.1f} s)", title_justify="left")
+    for column in ("stage", "result", "key", "time", "size", "detail"):
+        table.add_column(column, justify="right" if column in ("time", "size") else "left")
+    for o in outcomes:
+        style = {"hit": "green", "built": "cyan", "shared": "cyan"}[o.status]
+        table.add_row(o.stage, f"[{style}]{o.status}[/]", o.key[:12], f"{o.seconds:.1f} s",
+                      _human_bytes(o.artifact.size), by_name(o.stage).summary(o.artifact.metadata))
+    return table
+
+
+@main.command()
+@recipe_argument
+@set_option
+@until_option
+@force_option
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@common
+def run(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tuple[str, ...], until: str | None,
+        force: tuple[str, ...], quiet: bool) -> None:
+    """Run the pipeline; stages whose artifact is cached are skipped."""
+    parsed = load_recipe(recipe, list(overrides))
+    started = time.time()
+    reporter = ConsoleReporter(enabled=err.is_terminal and not as_json and not quiet)
+    with reporter.progress:
+        outcomes = runner.run(parsed, store, until=until, force=force, reporter=reporter)
+    seconds = time.time() - started
+    result = {"ok": True, "recipe": parsed.name, "seconds": round(seconds, 3), "cache": str(store.root),
+              "stages": [o.to_json() for o in outcomes]}
+    if not quiet:
+        _emit(as_json, result, lambda: out.print(_summary_table(outcomes, seconds)))
+
+
+@main.command()
+@recipe_argument
+@set_option
+@until_option
+@force_option
+@common
+def plan(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tuple[str, ...], until: str | None,
+         force: tuple[str, ...]) -> None:
+    """Show what `run` would do: each stage as hit or miss, and why it misses."""
+    parsed = load_recipe(recipe, list(overrides))
+    steps = runner.plan(parsed, store, until=until, force=force)
+    rows = [{"stage": s.stage.name, "status": "hit" if s.hit else "miss", "key": s.key, "reasons": s.reasons}
+            for s in steps]
+
+    def render() -> None:
+        table = Table(title=f"plan for {parsed.name} (cache {store.root})", title_justify="left")
+        for column in ("stage", "status", "key", "why"):
+            table.add_column(column)
+        for row in rows:
+            status = "[green]hit[/]" if row["status"] == "hit" else "[yellow]miss[/]"
+            table.add_row(row["stage"], status, row["key"][:12], "; ".join(row["reasons"]))
+        out.print(table)
+
+    _emit(as_json, {"recipe": parsed.name, "stages": rows}, render)
+
+
+@main.command()
+@common
+def status(store: ArtifactStore, as_json: bool) -> None:
+    """The cache: where it is, what it holds, and the last run of each recipe."""
+    artifacts = list(store.artifacts())
+    runs = []
+    for latest in sorted((store.root / "runs").glob("latest-*.json")):
+        try:
+            record = json.loads(latest.read_text())
+        except (OSError, ValueError):
+            continue
+        runs.append({"recipe": record["recipe"]["name"], "started": record["started"],
+                     "seconds": record["seconds"],
+                     "stages": {o["stage"]: o["status"] for o in record.get("outcomes", [])}})
+    data = {"cache": str(store.root), "artifacts": len(artifacts), "bytes": sum(a.size for a in artifacts),
+            "stale_temporaries": len(store.stale_temporaries()) if store.root.is_dir() else 0, "last_runs": runs}
+
+    def render() -> None:
+        out.print(f"cache {data['cache']}: {data['artifacts']} artifacts, {_human_bytes(data['bytes'])}")
+        table = Table(title="last runs", title_justify="left")
+        for column in ("recipe", "started", "time", "stages"):
+            table.add_column(column)
+        for r in runs:
+            table.add_row(r["recipe"], r["started"], f"{r['seconds']:.1f} s",
+                          " ".join(f"{k}:{v}" for k, v in r["stages"].items()))
+        out.print(table)
+
+    _emit(as_json, data, render)
+
+
+@main.command(name="ls")
+@click.option("--stage", type=click.Choice(NAMES), help="Only this stage's artifacts.")
+@common
+def ls_command(store: ArtifactStore, as_json: bool, stage: str | None) -> None:
+    """List the artifacts in the store."""
+    rows = [{"stage": a.stage, "key": a.key, "bytes": a.size, "created": a.manifest.get("created"),
+             "path": str(a.path), "intact": bool(a.manifest)}
+            for a in store.artifacts() if stage in (None, a.stage)]
+
+    def render() -> None:
+        table = Table(title=f"artifacts in {store.root}", title_justify="left")
+        for column in ("stage", "key", "size", "created"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(r["stage"], r["key"][:12], _human_bytes(r["bytes"]), r["created"] or "[red]damaged[/]")
+        out.print(table)
+
+    _emit(as_json, rows, render)
+
+
+@main.command(name="gc")
+@click.option("--older-than", help="Remove artifacts unused for this long (e.g. 7d, 12h).")
+@click.option("--max-size", help="Then remove least recently used artifacts until the store fits (e.g. 20G).")
+@click.option("--engines-dir", type=click.Path(path_type=Path), default=Path("engines"),
+              help="Published artifacts here are always kept.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@common
+def gc_command(store: ArtifactStore, as_json: bool, older_than: str | None, max_size: str | None,
+               engines_dir: Path, dry_run: bool) -> None:
+    """Trim the store by age or size, never touching what engines/ publishes."""
+    if older_than is None and max_size is None:
+        raise BadInput("gc needs --older-than (e.g. 7d) or --max-size (e.g. 20G)")
+    removed = gc(store, older_than_s=_parse_age(older_than) if older_than else None,
+                 max_bytes=_parse_size(max_size) if max_size else None,
+                 keep=published_keys(engines_dir), dry_run=dry_run)
+    rows = [{"stage": a.stage, "key": a.key, "bytes": a.size} for a in removed]
+    verb = "would remove" if dry_run else "removed"
+    _emit(as_json, {"dry_run": dry_run, "removed": rows},
+          lambda: out.print(f"{verb} {len(rows)} artifacts, {_human_bytes(sum(r['bytes'] for r in rows))}"))
+
+
+@main.command()
+@common
+def doctor(store: ArtifactStore, as_json: bool) -> None:
+    """This host: Python, library versions, GPUs and their architecture."""
+    data = {**host.describe(), "cache": str(store.root), "versions": host.versions(LIBRARIES),
+            "gpus": [{"name": g.name, "sm": f"sm_{g.sm}", "memory_mib": g.memory_mib} for g in host.gpus()]}
+
+    def render() -> None:
+        out.print(f"python {data['python']} on {data['platform']}; cache {data['cache']}")
+        for lib, ver in data["versions"].items():
+            out.print(f"  {lib:<16} {ver or '[dim]not installed[/]'}")
+        gpus = ", ".join(f"{g['name']} ({g['sm']})" for g in data["gpus"]) or "none"
+        out.print(f"GPUs: {gpus}")
+
+    _emit(as_json, data, render)
+
+
+@main.command(name="targets")
+@common
+def targets_command(store: ArtifactStore, as_json: bool) -> None:
+    """The support matrix: what each GPU architecture runs natively, and the presets."""
+    rows = targets.matrix()
+
+    def render() -> None:
+        table = Table(title="targets", title_justify="left")
+        for column in ("sm", "family", "products", "formats", "kv cache", "build backends"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(r["sm"], r["family"], r["products"], ", ".join(r["formats"]), ", ".join(r["kv_cache"]),
+                          ", ".join(r["backends"]))
+        out.print(table)
+        out.print(f"presets: {', '.join(presets())}")
+
+    _emit(as_json, {"targets": rows, "presets": presets()}, render)

@@ -1,0 +1,67 @@
+"""Facts about this host that artifacts depend on: library versions and GPUs. Cheap: nothing heavy is imported."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+
+@functools.cache
+def version(dist: str) -> str | None:
+    """Installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions(dists: tuple[str, ...]) -> dict[str, str | None]:
+    return {d: version(d) for d in dists}
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    sm: int
+    memory_mib: int
+
+
+@functools.cache
+def gpus() -> tuple[Gpu, ...]:
+    """GPUs visible through nvidia-smi (empty when there is no driver)."""
+    if shutil.which("nvidia-smi") is None:
+        return ()
+    query = "--query-gpu=index,name,compute_cap,memory.total"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    found = []
+    for line in out.strip().splitlines():
+        index, name, cap, memory = (p.strip() for p in line.split(","))
+        major, minor = cap.split(".")
+        found.append(Gpu(int(index), name, int(major) * 10 + int(minor), int(float(memory))))
+    return tuple(found)
+
+
+def describe() -> dict:
+    """Host identity recorded in manifests (no secrets: no environment variables)."""
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "gpus": [f"{g.name} (sm_{g.sm})" for g in gpus()],
+    }

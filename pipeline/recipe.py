@@ -1,0 +1,235 @@
+"""The recipe: one typed, validated description of a build, from a YAML file or preset plus `--set a.b=c`."""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import targets
+from pipeline.errors import BadInput
+
+Format = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq"]
+Algorithm = Literal["auto", "max", "awq_lite", "awq_clip", "awq_full", "smoothquant", "gptq"]
+
+# What "auto" means for each format: ModelOpt's own default algorithm for it.
+DEFAULT_ALGORITHM: dict[str, str] = {
+    "fp8": "max",
+    "int8_sq": "smoothquant",
+    "int4_awq": "awq_lite",
+    "w4a8_awq": "awq_lite",
+    "nvfp4": "max",
+    "nvfp4_awq": "awq_lite",
+}
+# Weight block (group) size per format; None means per-channel or per-tensor scales.
+DEFAULT_BLOCK_SIZE: dict[str, int | None] = {
+    "fp8": None,
+    "int8_sq": None,
+    "int4_awq": 128,
+    "w4a8_awq": 128,
+    "nvfp4": 16,
+    "nvfp4_awq": 16,
+}
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Section):
+    source: str | None = Field(None, description="local directory or file, or a hub id; none = bundled SmolLM2")
+    revision: str | None = Field(None, description="hub revision; pin a commit sha for reproducible builds")
+    gguf_file: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+class TargetSpec(Section):
+    gpu: str = "ada"
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, value: str) -> str:
+        try:
+            return f"sm_{targets.resolve(value).sm}"
+        except BadInput as exc:
+            raise ValueError(str(exc).removeprefix("target.gpu: ")) from None
+
+
+class QuantizationSpec(Section):
+    format: Format = "fp8"
+    algorithm: Algorithm = "auto"
+    kv_cache: Literal["none", "fp8", "nvfp4"] = "none"
+    block_size: int | None = Field(None, gt=0, description="weight block size; none = the format's default")
+    block_size_policy: Literal["fallback", "exclude", "error"] = Field(
+        "fallback", description="a layer whose width the block size does not divide: smaller block, skip it, or stop"
+    )
+    smoothquant_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    exclude: tuple[str, ...] = Field(("*lm_head*",), description="module name patterns left unquantized")
+
+    @property
+    def resolved_algorithm(self) -> str:
+        return DEFAULT_ALGORITHM[self.format] if self.algorithm == "auto" else self.algorithm
+
+    @property
+    def resolved_block_size(self) -> int | None:
+        return self.block_size or DEFAULT_BLOCK_SIZE[self.format]
+
+
+class CalibrationSpec(Section):
+    dataset: str = Field("calib", description="shipped name (calib, eval), a .txt/.jsonl/.parquet path, or hub id")
+    samples: int = Field(32, gt=0)
+    seq_len: int = Field(256, gt=0)
+    batch_size: int = Field(4, gt=0)
+    seed: int = 0
+
+
+class ExportSpec(Section):
+    formats: tuple[Literal["trtllm", "hf"], ...] = ("trtllm", "hf")
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    dtype: Literal["float16", "bfloat16"] = "float16"
+
+
+class BuildSpec(Section):
+    backend: Literal["none", "tensorrt-rtx", "trtllm", "trtllm-pytorch"] = "none"
+    max_batch_size: int = Field(8, ge=1)
+    max_input_len: int = Field(512, ge=1)
+    max_seq_len: int = Field(1024, ge=1)
+    max_num_tokens: int = Field(2048, ge=1)
+
+
+class VerifySpec(Section):
+    dataset: str = "eval"
+    tokens: int = Field(2048, gt=0, description="held-out tokens for perplexity")
+    ppl_ratio_max: float | None = Field(None, gt=1.0, description="none = the format's default threshold")
+    gen_agreement_min: float | None = Field(None, ge=0.0, le=1.0)
+    max_new_tokens: int = Field(32, ge=1)
+    prompts: tuple[str, ...] = (
+        "The capital of France is",
+        "Write one sentence about the ocean.",
+        "List three prime numbers.",
+        "What does a compiler do?",
+    )
+
+
+class Recipe(Section):
+    name: str = Field("default", pattern=NAME_PATTERN)
+    model: ModelSpec = ModelSpec()
+    target: TargetSpec = TargetSpec()
+    quantization: QuantizationSpec = QuantizationSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    export: ExportSpec = ExportSpec()
+    build: BuildSpec = BuildSpec()
+    verify: VerifySpec = VerifySpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_shorthand(cls, data: Any) -> Any:
+        # `target: ada` is accepted as `target: {gpu: ada}`.
+        if isinstance(data, dict) and isinstance(data.get("target"), (str, int)):
+            data = {**data, "target": {"gpu": str(data["target"])}}
+        return data
+
+    def field(self, dotted: str) -> Any:
+        """The value at a dotted path such as 'calibration.samples' (as plain data)."""
+        value: Any = self.model_dump(mode="json")
+        for part in dotted.split("."):
+            value = value[part]
+        return value
+
+
+def presets() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("pipeline.recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_recipe(ref: str | None, overrides: list[str] = ()) -> Recipe:
+    """Build a Recipe from a preset name or YAML path (None = the default preset) and `a.b=c` overrides."""
+    ref = ref or "default"
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise BadInput(f"recipe file {ref} not found; pass an existing YAML file or a preset ({', '.join(presets())})")
+        text, origin = path.read_text(), str(path)
+    elif ref in presets():
+        text, origin = (resources.files("pipeline.recipes") / f"{ref}.yaml").read_text(), f"preset {ref}"
+    else:
+        hint = _did_you_mean(ref, presets())
+        raise BadInput(f"unknown preset '{ref}'{hint}; presets: {', '.join(presets())}, or pass a YAML file path")
+    data = _parse_yaml(text, origin)
+    for item in overrides:
+        _apply_override(data, item)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise BadInput(f"{origin}: {_describe(exc)}") from None
+
+
+def _parse_yaml(text: str, origin: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise BadInput(f"{origin}: not valid YAML{where}: {problem}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BadInput(f"{origin}: a recipe must be a YAML mapping of sections (model, quantization, ...)")
+    return data
+
+
+def _apply_override(data: dict, item: str) -> None:
+    dotted, sep, raw = item.partition("=")
+    if not sep or not dotted:
+        raise BadInput(f"--set '{item}' must look like section.field=value, e.g. calibration.samples=64")
+    *parents, leaf = dotted.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BadInput(f"--set {dotted}: '{part}' is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = model.model_fields.get(str(part))
+        if annotation is None or not isinstance(annotation.annotation, type) or not issubclass(
+            annotation.annotation, BaseModel
+        ):
+            break
+        model = annotation.annotation
+    return list(model.model_fields)
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line for the first problem, naming the field and, for a typo, the nearest valid key."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        parent, key = loc[:-1], str(loc[-1])
+        valid = _fields_at(parent)
+        where = ".".join(map(str, parent)) or "the top level"
+        return f"unknown key '{dotted}'{_did_you_mean(key, valid)}; valid keys in {where}: {', '.join(valid)}"
+    if err["type"] == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        options = [o.strip().strip("'") for o in expected.replace(" or ", ", ").split(",")]
+        return f"{dotted}: '{err['input']}' is not allowed{_did_you_mean(err['input'], options)}; use {expected}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{dotted}: {message} (got {err['input']!r})"

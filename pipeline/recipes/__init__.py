@@ -1,0 +1,1 @@
+"""Bundled recipe presets, loadable by name (`quantpipe run fp8`)."""

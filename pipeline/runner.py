@@ -1,0 +1,201 @@
+"""The runner: plans the stage chain (keys, hits, misses and why), then runs the misses in order."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import host, targets
+from pipeline.errors import BadInput
+from pipeline.recipe import Recipe
+from pipeline.stages import NAMES, STAGES, Stage, StageContext, by_name
+from pipeline.store import Artifact, ArtifactStore, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def stage_key(record: dict) -> str:
+    """sha256 over everything an artifact depends on: stage, version, code, params, input keys, environment."""
+    payload = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class Step:
+    stage: Stage
+    key: str
+    record: dict
+    artifact: Artifact | None
+    forced: bool
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def hit(self) -> bool:
+        return self.artifact is not None and not self.forced
+
+
+@dataclass
+class Outcome:
+    stage: str
+    key: str
+    status: str  # "hit", "built", or "shared" (built meanwhile by a concurrent run)
+    seconds: float
+    artifact: Artifact
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "key": self.key, "status": self.status, "seconds": round(self.seconds, 3),
+                "bytes": self.artifact.size, "path": str(self.artifact.path), "metadata": self.artifact.metadata}
+
+
+class Reporter:
+    """Hooks the runner calls; the CLI supplies one that draws progress. The default stays silent."""
+
+    def stage_started(self, step: Step) -> None: ...
+
+    def stage_finished(self, outcome: Outcome) -> None: ...
+
+    def track(self, items: Iterable, total: int | None = None, description: str = "") -> Iterable:
+        return items
+
+
+def _selected(recipe: Recipe, until: str | None) -> list[Stage]:
+    last = NAMES.index(by_name(until).name) if until else len(STAGES) - 1
+    return [s for s in STAGES[: last + 1] if s.applies(recipe)]
+
+
+def check_target(recipe: Recipe) -> None:
+    q = recipe.quantization
+    targets.check(recipe.target.gpu, q.format, q.kv_cache, recipe.build.backend)
+
+
+def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = ()) -> list[Step]:
+    """Keys and hit/miss for each stage, without running or importing anything heavy."""
+    check_target(recipe)
+    forced_from = min((NAMES.index(by_name(f).name) for f in force), default=len(NAMES))
+    previous = _latest_record(store, recipe.name)
+    steps: list[Step] = []
+    keys: dict[str, str] = {}
+    for stage in _selected(recipe, until):
+        record = {
+            "stage_version": stage.version,
+            "code": stage.code_hash(),
+            "params": stage.params(recipe, store),
+            "inputs": {name: keys[name] for name in stage.inputs if name in keys},
+            "environment": stage.environment(recipe),
+        }
+        key = keys[stage.name] = stage_key({"stage": stage.name, **record})
+        forced = NAMES.index(stage.name) >= forced_from
+        artifact = store.get(stage.name, key)
+        step = Step(stage, key, record, artifact, forced)
+        if not step.hit:
+            step.reasons = _why(stage.name, key, record, previous.get(stage.name), forced)
+        steps.append(step)
+    return steps
+
+
+def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),
+        reporter: Reporter | None = None) -> list[Outcome]:
+    """Run the chain: hits are skipped, misses built under a per-key lock. Writes a run record."""
+    reporter = reporter or Reporter()
+    steps = plan(recipe, store, until=until, force=force)
+    store.ensure_writable()
+    for step in steps:
+        if not step.hit:
+            step.stage.check_host(recipe)
+    started = time.time()
+    outcomes: list[Outcome] = []
+    artifacts: dict[str, Artifact] = {}
+    for step in steps:
+        reporter.stage_started(step)
+        t0 = time.time()
+        artifact, status = (step.artifact, "hit") if step.hit else _build(step, recipe, store, artifacts, reporter)
+        artifacts[step.stage.name] = artifact
+        outcome = Outcome(step.stage.name, step.key, status, time.time() - t0, artifact)
+        outcomes.append(outcome)
+        reporter.stage_finished(outcome)
+    _write_run_record(store, recipe, steps, outcomes, started)
+    return outcomes
+
+
+def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str, Artifact],
+           reporter: Reporter) -> tuple[Artifact, str]:
+    name = step.stage.name
+    with store.lock(name, step.key):
+        if not step.forced and (shared := store.get(name, step.key)) is not None:
+            return shared, "shared"
+        inputs = {}
+        for upstream in step.stage.inputs:
+            artifact = store.get(upstream, artifacts[upstream].key)
+            if artifact is None:
+                raise BadInput(f"input {upstream} of {name} was damaged or removed during the run; run again")
+            inputs[upstream] = artifact
+
+        def build(out: Path) -> dict:
+            ctx = StageContext(recipe, step.record["params"], inputs, out, reporter.track)
+            return step.stage.run(ctx)
+
+        return store.write(name, step.key, build, step.record), "built"
+
+
+def _why(stage: str, key: str, record: dict, before: dict | None, forced: bool) -> list[str]:
+    """Human reasons for a miss, comparing with the last run of this recipe."""
+    if forced:
+        return ["forced"]
+    if before is None:
+        return ["never built for this recipe"]
+    if before.get("key") == key:
+        return ["artifact missing or damaged"]
+    reasons = []
+    old, new = _flatten(before.get("params", {})), _flatten(record["params"])
+    reasons += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                if old.get(k) != new.get(k)]
+    reasons += [f"input {k} changed" for k, v in record["inputs"].items() if before.get("inputs", {}).get(k) != v]
+    reasons += [f"{k} {before.get('environment', {}).get(k)} -> {v}" for k, v in record["environment"].items()
+                if before.get("environment", {}).get(k) != v]
+    if before.get("stage_version") != record["stage_version"] or before.get("code") != record["code"]:
+        reasons.append("stage code changed")
+    return reasons or ["key changed"]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _runs_dir(store: ArtifactStore) -> Path:
+    return store.root / "runs"
+
+
+def _latest_record(store: ArtifactStore, name: str) -> dict:
+    try:
+        return json.loads((_runs_dir(store) / f"latest-{name}.json").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _write_run_record(store: ArtifactStore, recipe: Recipe, steps: list[Step], outcomes: list[Outcome],
+                      started: float) -> None:
+    record = {
+        "recipe": recipe.model_dump(mode="json"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 3),
+        "host": host.describe(),
+        "stages": {s.stage.name: {"key": s.key, **s.record} for s in steps},
+        "outcomes": [o.to_json() for o in outcomes],
+    }
+    runs = _runs_dir(store)
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
+    write_json_atomic(runs / f"{stamp}-{recipe.name}-{os.getpid()}.json", record)
+    write_json_atomic(runs / f"latest-{recipe.name}.json", record)

@@ -1,0 +1,20 @@
+"""The stage chain, in order. Only the runner chains stages; a stage reads its inputs' artifacts, never their code."""
+
+from __future__ import annotations
+
+from pipeline.errors import BadInput
+from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.load import Load
+
+STAGES: tuple[Stage, ...] = (Load(),)
+NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def by_name(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise BadInput(f"unknown stage '{name}'; stages are: {', '.join(NAMES)}")
+
+
+__all__ = ["NAMES", "STAGES", "Stage", "StageContext", "by_name"]

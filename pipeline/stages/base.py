@@ -1,0 +1,83 @@
+"""What a stage is: a name, a version, the upstream stages it reads, the recipe fields and libraries it depends on,
+and one `run` that fills a fresh directory. Heavy imports live inside `run`, so planning stays instant."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pipeline import host
+from pipeline.recipe import Recipe
+from pipeline.store import Artifact, ArtifactStore
+
+T = TypeVar("T")
+
+
+def _no_progress(items: Iterable[T], total: int | None = None, description: str = "") -> Iterable[T]:
+    return items
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    params: dict
+    inputs: dict[str, Artifact]
+    out: Path
+    track: Callable[..., Iterable] = field(default=_no_progress)
+
+    def input(self, stage: str) -> Artifact:
+        return self.inputs[stage]
+
+
+class Stage:
+    name: ClassVar[str]
+    version: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]] = ()
+    fields: ClassVar[tuple[str, ...]] = ()
+    libraries: ClassVar[tuple[str, ...]] = ()
+
+    def applies(self, recipe: Recipe) -> bool:
+        """False when the recipe asks nothing of this stage (e.g. build backend 'none')."""
+        return True
+
+    def params(self, recipe: Recipe, store: ArtifactStore) -> dict[str, Any]:
+        """The slice of the recipe (and digests of input files) this stage's output depends on."""
+        return {f: recipe.field(f) for f in self.fields}
+
+    def environment(self, recipe: Recipe) -> dict[str, Any]:
+        """Host facts this stage's output depends on: library versions, by default."""
+        return host.versions(self.libraries)
+
+    def check_host(self, recipe: Recipe) -> None:
+        """Raise HostLacks before any work when this host cannot run the stage."""
+
+    def summary(self, metadata: dict) -> str:
+        """One short phrase about an artifact for the run's summary table."""
+        return ""
+
+    def run(self, ctx: StageContext) -> dict:
+        """Write the artifact's files into ctx.out and return metadata for the manifest."""
+        raise NotImplementedError
+
+    @classmethod
+    def code_hash(cls) -> str:
+        return _source_hash(inspect.getsourcefile(cls))
+
+
+@functools.cache
+def _source_hash(path: str) -> str:
+    """Hash of a module's code with docstrings and comments dropped, so edits to behaviour invalidate the cache."""
+    tree = ast.parse(Path(path).read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+            getattr(body[0], "value", None), ast.Constant
+        ) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]

