@@ -132,10 +132,7 @@ class Recipe(Section):
     @model_validator(mode="before")
     @classmethod
     def _target_shorthand(cls, data: Any) -> Any:
-        # `target: ada` is accepted as `target: {gpu: ada}`.
-        if isinstance(data, dict) and isinstance(data.get("target"), (str, int)):
-            data = {**data, "target": {"gpu": str(data["target"])}}
-        return data
+        return _expand_target(data)
 
     def field(self, dotted: str) -> Any:
         """The value at a dotted path such as 'calibration.samples' (as plain data)."""
@@ -163,13 +160,20 @@ def load_recipe(ref: str | None, overrides: list[str] = ()) -> Recipe:
     else:
         hint = _did_you_mean(ref, presets())
         raise BadInput(f"unknown preset '{ref}'{hint}; presets: {', '.join(presets())}, or pass a YAML file path")
-    data = _parse_yaml(text, origin)
+    data = _expand_target(_parse_yaml(text, origin))
     for item in overrides:
         _apply_override(data, item)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise BadInput(f"{origin}: {_describe(exc)}") from None
+
+
+def _expand_target(data: Any) -> Any:
+    """`target: ada` is shorthand for `target: {gpu: ada}`."""
+    if isinstance(data, dict) and isinstance(data.get("target"), (str, int)):
+        data = {**data, "target": {"gpu": str(data["target"])}}
+    return data
 
 
 def _parse_yaml(text: str, origin: str) -> dict:

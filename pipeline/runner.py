@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline import host, targets
 from pipeline.errors import BadInput
 from pipeline.recipe import Recipe
-from pipeline.stages import NAMES, STAGES, Stage, StageContext, by_name
+from pipeline.stages import STAGES, Stage, StageContext
 from pipeline.store import Artifact, ArtifactStore, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,11 @@ class Reporter:
         return items
 
 
-def _selected(recipe: Recipe, until: str | None) -> list[Stage]:
-    last = NAMES.index(by_name(until).name) if until else len(STAGES) - 1
-    return [s for s in STAGES[: last + 1] if s.applies(recipe)]
+def _index(stages: tuple[Stage, ...], name: str) -> int:
+    names = [s.name for s in stages]
+    if name not in names:
+        raise BadInput(f"unknown stage '{name}'; stages are: {', '.join(names)}")
+    return names.index(name)
 
 
 def check_target(recipe: Recipe) -> None:
@@ -74,14 +76,18 @@ def check_target(recipe: Recipe) -> None:
     targets.check(recipe.target.gpu, q.format, q.kv_cache, recipe.build.backend)
 
 
-def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = ()) -> list[Step]:
+def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),
+         stages: tuple[Stage, ...] = STAGES) -> list[Step]:
     """Keys and hit/miss for each stage, without running or importing anything heavy."""
     check_target(recipe)
-    forced_from = min((NAMES.index(by_name(f).name) for f in force), default=len(NAMES))
+    last = _index(stages, until) if until else len(stages) - 1
+    forced_from = min((_index(stages, f) for f in force), default=len(stages))
     previous = _latest_record(store, recipe.name)
     steps: list[Step] = []
     keys: dict[str, str] = {}
-    for stage in _selected(recipe, until):
+    for position, stage in enumerate(stages[: last + 1]):
+        if not stage.applies(recipe):
+            continue
         record = {
             "stage_version": stage.version,
             "code": stage.code_hash(),
@@ -90,7 +96,7 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
             "environment": stage.environment(recipe),
         }
         key = keys[stage.name] = stage_key({"stage": stage.name, **record})
-        forced = NAMES.index(stage.name) >= forced_from
+        forced = position >= forced_from
         artifact = store.get(stage.name, key)
         step = Step(stage, key, record, artifact, forced)
         if not step.hit:
@@ -100,10 +106,10 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
 
 
 def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),
-        reporter: Reporter | None = None) -> list[Outcome]:
+        reporter: Reporter | None = None, stages: tuple[Stage, ...] = STAGES) -> list[Outcome]:
     """Run the chain: hits are skipped, misses built under a per-key lock. Writes a run record."""
     reporter = reporter or Reporter()
-    steps = plan(recipe, store, until=until, force=force)
+    steps = plan(recipe, store, until=until, force=force, stages=stages)
     store.ensure_writable()
     for step in steps:
         if not step.hit:

@@ -1,0 +1,65 @@
+"""Recipes: presets, overrides, and one-line errors that name the field and the fix."""
+
+import pytest
+
+from pipeline.errors import BadInput
+from pipeline.recipe import load_recipe, presets
+
+
+@pytest.mark.parametrize("name", ["default", "fp8", "int4-awq", "int8-sq", "w4a8-awq", "nvfp4"])
+def test_every_preset_loads(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+
+
+def test_presets_are_listed():
+    assert {"fp8", "int4-awq", "int8-sq", "w4a8-awq", "nvfp4"} <= set(presets())
+
+
+def test_overrides_are_typed_and_target_shorthand_expands():
+    recipe = load_recipe("fp8", ["calibration.samples=64", "target=hopper", "export.formats=[hf]"])
+    assert recipe.calibration.samples == 64
+    assert recipe.target.gpu == "sm_90"
+    assert recipe.export.formats == ("hf",)
+    assert load_recipe("fp8", ["target.gpu=blackwell-rtx"]).target.gpu == "sm_120"
+
+
+def test_auto_algorithm_and_block_size_follow_the_format():
+    q = load_recipe("int4-awq", ["quantization.algorithm=auto", "quantization.block_size=null"]).quantization
+    assert (q.resolved_algorithm, q.resolved_block_size) == ("awq_lite", 128)
+    assert load_recipe("int8-sq").quantization.resolved_algorithm == "smoothquant"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["calibration.sampels=3"], "unknown key 'calibration.sampels' (did you mean 'samples'?)"),
+        (["quantizaton.format=fp8"], "unknown key 'quantizaton' (did you mean 'quantization'?)"),
+        (["quantization.format=fp9"], "quantization.format: 'fp9' is not allowed (did you mean 'fp8'?)"),
+        (["calibration.samples=many"], "calibration.samples:"),
+        (["calibration.samples=0"], "calibration.samples: Input should be greater than 0"),
+        (["target=sm_70"], "target.gpu: unknown GPU 'sm_70'"),
+        (["name=../../etc"], "name: String should match pattern"),
+        (["calibration"], "must look like section.field=value"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(BadInput) as info:
+        load_recipe("fp8", overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_file_errors(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("quantization:\n  format: [fp8\n")
+    with pytest.raises(BadInput, match=r"broken.yaml: not valid YAML at line \d+"):
+        load_recipe(str(broken))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("quantization:\n  fromat: fp8\n")
+    with pytest.raises(BadInput, match="did you mean 'format'"):
+        load_recipe(str(typo))
+    with pytest.raises(BadInput, match="not found"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    with pytest.raises(BadInput, match="unknown preset 'fp9' \\(did you mean 'fp8'\\?\\)"):
+        load_recipe("fp9")

@@ -1,0 +1,49 @@
+"""Small, fast stages for testing the runner and store mechanics (the real stages are tested on SmolLM2)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pipeline.stages.base import Stage, StageContext
+
+
+class ToyStage(Stage):
+    """Writes its params and its inputs' content into out.txt, and logs each execution to `calls_file`."""
+
+    libraries = ("pyyaml",)
+    calls_file: Path | None = None
+    delay = 0.0
+
+    def run(self, ctx: StageContext) -> dict:
+        if self.calls_file is not None:
+            with open(self.calls_file, "a") as fh:
+                fh.write(f"{self.name}\n")
+        time.sleep(self.delay)
+        upstream = {name: (a / "out.txt").read_text() for name, a in ctx.inputs.items()}
+        (ctx.out / "out.txt").write_text(json.dumps({"params": ctx.params, "upstream": upstream}, sort_keys=True))
+        return {"n": len(upstream)}
+
+
+class ToyLoad(ToyStage):
+    name, version, fields = "load", "1", ("model.source",)
+
+
+class ToyCalibrate(ToyStage):
+    name, version, inputs, fields = "calibrate", "1", ("load",), ("calibration",)
+
+
+class ToyExport(ToyStage):
+    name, version, inputs, fields = "export", "1", ("calibrate",), ("export",)
+
+
+def toy_chain(calls_file: Path | None = None, delay: float = 0.0) -> tuple[Stage, ...]:
+    chain = (ToyLoad(), ToyCalibrate(), ToyExport())
+    for stage in chain:
+        stage.calls_file, stage.delay = calls_file, delay
+    return chain
+
+
+def calls(calls_file: Path) -> list[str]:
+    return calls_file.read_text().split() if calls_file.exists() else []
