@@ -19,23 +19,17 @@ from rich.table import Table
 
 from pipeline import host, runner, targets
 from pipeline.errors import BadInput, QuantpipeError
+from pipeline.fmt import human_bytes
 from pipeline.publish import published_keys
 from pipeline.recipe import load_recipe, presets
 from pipeline.stages import NAMES, by_name
 from pipeline.store import ArtifactStore, gc
 
-out = Console(highlight=False, soft_wrap=True)
+# Wide tables when output goes to a log file, not wrapped at 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "datasets", "safetensors", "onnx", "onnxruntime", "gguf",
              "tensorrt-rtx", "tensorrt-llm", "ray")
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def _parse_size(text: str) -> int:
@@ -69,8 +63,10 @@ def common(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(cache_dir: Path | None, as_json: bool, verbose: int, **kwargs):
         level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-        logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)],
-                            force=True)
+        # Our warnings always show; other libraries' only at -vv (quiet on success).
+        logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.ERROR, format="%(message)s",
+                            handlers=[RichHandler(console=err, show_path=False)], force=True)
+        logging.getLogger("pipeline").setLevel(level)
         store = ArtifactStore(cache_dir or ArtifactStore.default_root())
         try:
             func(store=store, as_json=as_json, **kwargs)
@@ -136,7 +132,7 @@ def _summary_table(outcomes: list[runner.Outcome], seconds: float) -> Table:
     for o in outcomes:
         style = {"hit": "green", "built": "cyan", "shared": "cyan"}[o.status]
         table.add_row(o.stage, f"[{style}]{o.status}[/]", o.key[:12], f"{o.seconds:.1f} s",
-                      _human_bytes(o.artifact.size), by_name(o.stage).summary(o.artifact.metadata))
+                      human_bytes(o.artifact.size), by_name(o.stage).summary(o.artifact.metadata))
     return table
 
 
@@ -206,7 +202,7 @@ def status(store: ArtifactStore, as_json: bool) -> None:
             "stale_temporaries": len(store.stale_temporaries()) if store.root.is_dir() else 0, "last_runs": runs}
 
     def render() -> None:
-        out.print(f"cache {data['cache']}: {data['artifacts']} artifacts, {_human_bytes(data['bytes'])}")
+        out.print(f"cache {data['cache']}: {data['artifacts']} artifacts, {human_bytes(data['bytes'])}")
         table = Table(title="last runs", title_justify="left")
         for column in ("recipe", "started", "time", "stages"):
             table.add_column(column)
@@ -232,7 +228,7 @@ def ls_command(store: ArtifactStore, as_json: bool, stage: str | None) -> None:
         for column in ("stage", "key", "size", "created"):
             table.add_column(column)
         for r in rows:
-            table.add_row(r["stage"], r["key"][:12], _human_bytes(r["bytes"]), r["created"] or "[red]damaged[/]")
+            table.add_row(r["stage"], r["key"][:12], human_bytes(r["bytes"]), r["created"] or "[red]damaged[/]")
         out.print(table)
 
     _emit(as_json, rows, render)
@@ -256,7 +252,7 @@ def gc_command(store: ArtifactStore, as_json: bool, older_than: str | None, max_
     rows = [{"stage": a.stage, "key": a.key, "bytes": a.size} for a in removed]
     verb = "would remove" if dry_run else "removed"
     _emit(as_json, {"dry_run": dry_run, "removed": rows},
-          lambda: out.print(f"{verb} {len(rows)} artifacts, {_human_bytes(sum(r['bytes'] for r in rows))}"))
+          lambda: out.print(f"{verb} {len(rows)} artifacts, {human_bytes(sum(r['bytes'] for r in rows))}"))
 
 
 @main.command()

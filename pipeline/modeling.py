@@ -6,10 +6,14 @@ import os
 from pathlib import Path
 
 
+# Quiet on success: no library progress bars. Set at import, before tqdm or transformers read them.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF import and ModelOpt use tqdm directly
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def quiet_libraries() -> None:
-    """Keep transformers and the hub client from drawing their own progress bars (quiet on success)."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    """Keep transformers from logging below errors."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -34,6 +34,15 @@ DEFAULT_BLOCK_SIZE: dict[str, int | None] = {
     "nvfp4": 16,
     "nvfp4_awq": 16,
 }
+_BLOCK_FORMATS = ("int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq")
+# Algorithms that only make sense for some formats (max works everywhere).
+ALGORITHM_FORMATS: dict[str, tuple[str, ...]] = {
+    "awq_lite": _BLOCK_FORMATS,
+    "awq_clip": _BLOCK_FORMATS,
+    "awq_full": _BLOCK_FORMATS,
+    "gptq": _BLOCK_FORMATS,
+    "smoothquant": ("int8_sq", "fp8"),
+}
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
@@ -72,6 +81,16 @@ class QuantizationSpec(Section):
     )
     smoothquant_alpha: float = Field(0.5, ge=0.0, le=1.0)
     exclude: tuple[str, ...] = Field(("*lm_head*",), description="module name patterns left unquantized")
+
+    @model_validator(mode="after")
+    def _algorithm_fits_format(self) -> QuantizationSpec:
+        fits = ALGORITHM_FORMATS.get(self.resolved_algorithm)
+        if fits is not None and self.format not in fits:
+            raise ValueError(f"algorithm '{self.algorithm}' does not apply to format '{self.format}'; "
+                             f"it works with {', '.join(fits)}")
+        if self.block_size is not None and DEFAULT_BLOCK_SIZE[self.format] in (None, 16):
+            raise ValueError(f"format '{self.format}' has a fixed scale layout; remove block_size")
+        return self
 
     @property
     def resolved_algorithm(self) -> str:
@@ -236,4 +255,5 @@ def _describe(exc: ValidationError) -> str:
         options = [o.strip().strip("'") for o in expected.replace(" or ", ", ").split(",")]
         return f"{dotted}: '{err['input']}' is not allowed{_did_you_mean(err['input'], options)}; use {expected}"
     message = err["msg"].removeprefix("Value error, ")
-    return f"{dotted}: {message} (got {err['input']!r})"
+    got = "" if isinstance(err["input"], dict) else f" (got {err['input']!r})"
+    return f"{dotted}: {message}{got}"

@@ -113,7 +113,7 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
     store.ensure_writable()
     for step in steps:
         if not step.hit:
-            step.stage.check_host(recipe)
+            step.stage.preflight(recipe)
     started = time.time()
     outcomes: list[Outcome] = []
     artifacts: dict[str, Artifact] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib.util
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class Stage:
     inputs: ClassVar[tuple[str, ...]] = ()
     fields: ClassVar[tuple[str, ...]] = ()
     libraries: ClassVar[tuple[str, ...]] = ()
+    # Project modules whose code shapes this stage's output, besides the stage's own module.
+    code_modules: ClassVar[tuple[str, ...]] = ()
 
     def applies(self, recipe: Recipe) -> bool:
         """False when the recipe asks nothing of this stage (e.g. build backend 'none')."""
@@ -54,8 +57,9 @@ class Stage:
         """Host facts this stage's output depends on: library versions, by default."""
         return host.versions(self.libraries)
 
-    def check_host(self, recipe: Recipe) -> None:
-        """Raise HostLacks before any work when this host cannot run the stage."""
+    def preflight(self, recipe: Recipe) -> None:
+        """Cheap checks before any stage runs: BadInput for inputs that cannot work, HostLacks for a missing GPU
+        or library. A failure three hours in should have been caught here."""
 
     def summary(self, metadata: dict) -> str:
         """One short phrase about an artifact for the run's summary table."""
@@ -67,7 +71,8 @@ class Stage:
 
     @classmethod
     def code_hash(cls) -> str:
-        return _source_hash(inspect.getsourcefile(cls))
+        paths = [inspect.getsourcefile(cls), *(importlib.util.find_spec(m).origin for m in cls.code_modules)]
+        return hashlib.sha256("".join(_source_hash(p) for p in paths).encode()).hexdigest()[:16]
 
 
 @functools.cache

@@ -1,0 +1,223 @@
+"""ModelOpt glue: a recipe's quantization section as a ModelOpt config, with per-model decisions recorded.
+
+Formats map to ModelOpt's own configs through a table (not if/else), so adding a format is one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pipeline.errors import BadInput
+from pipeline.recipe import QuantizationSpec
+
+log = logging.getLogger(__name__)
+
+MODELOPT_CONFIGS: dict[str, str] = {
+    "fp8": "FP8_DEFAULT_CFG",
+    "int8_sq": "INT8_SMOOTHQUANT_CFG",
+    "int4_awq": "INT4_AWQ_CFG",
+    "w4a8_awq": "W4A8_AWQ_BETA_CFG",
+    "nvfp4": "NVFP4_DEFAULT_CFG",
+    "nvfp4_awq": "NVFP4_AWQ_LITE_CFG",
+}
+KV_CACHE_CONFIGS: dict[str, str] = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
+# Block sizes TensorRT-LLM's INT4/W4A8 kernels take, largest first: the fallback picks from these.
+INT4_BLOCK_SIZES = (128, 64)
+
+
+@dataclass
+class QuantPlan:
+    """The ModelOpt config for one model, and the decisions taken to make it fit (for manifest and model card)."""
+
+    config: dict
+    block_size: int | None
+    quantized_layers: list[str]
+    excluded_layers: list[str] = field(default_factory=list)
+    decisions: list[str] = field(default_factory=list)
+
+
+def modelopt():
+    """Import ModelOpt's quantization API quietly (it warns about untested transformers releases)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
+        import modelopt.torch.opt as mto
+        import modelopt.torch.quantization as mtq
+    return mtq, mto
+
+
+@contextlib.contextmanager
+def library_prints() -> Iterator[None]:
+    """ModelOpt prints progress to stdout, where --json output goes: route it to the debug log instead."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                log.debug("modelopt: %s", line)
+
+
+def _algorithm(spec: QuantizationSpec) -> str | dict:
+    name = spec.resolved_algorithm
+    if name == "smoothquant":
+        return {"method": "smoothquant", "alpha": spec.smoothquant_alpha}
+    return name if name == "max" else {"method": name}
+
+
+def _exclusion_pattern(pattern: str) -> str:
+    return pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+
+
+def _disabled_patterns(config: dict) -> list[str]:
+    return [e["quantizer_name"] for e in config["quant_cfg"]
+            if e.get("enable") is False and "parent_class" not in e and e["quantizer_name"] != "*"]
+
+
+def _set_block_size(config: dict, size: int) -> None:
+    """Rewrite every weight-quantizer block size in a ModelOpt config (entries may hold one cfg or a list)."""
+    for entry in config["quant_cfg"]:
+        cfgs = entry.get("cfg")
+        for cfg in cfgs if isinstance(cfgs, list) else [cfgs] if cfgs else []:
+            blocks = cfg.get("block_sizes")
+            if "weight_quantizer" in entry["quantizer_name"] and blocks and -1 in blocks:
+                cfg["block_sizes"] = {**blocks, -1: size}
+
+
+def plan_quantization(spec: QuantizationSpec, model) -> QuantPlan:
+    """Build the ModelOpt config for `model`, applying exclusions, KV cache and the block-size policy."""
+    import torch
+
+    mtq, _ = modelopt()
+    config = copy.deepcopy(getattr(mtq, MODELOPT_CONFIGS[spec.format]))
+    config["algorithm"] = _algorithm(spec)
+    config["quant_cfg"] += [{"quantizer_name": _exclusion_pattern(p), "enable": False} for p in spec.exclude]
+    if spec.kv_cache != "none":
+        kv = getattr(mtq, KV_CACHE_CONFIGS[spec.kv_cache])["quant_cfg"]
+        with library_prints():
+            config = mtq.update_quant_cfg_with_kv_cache_quant(config, copy.deepcopy(kv))
+    disabled = _disabled_patterns(config)
+    widths = {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and not any(fnmatch.fnmatch(f"{name}.weight_quantizer", p) for p in disabled)}
+    plan = QuantPlan(config, spec.resolved_block_size, sorted(widths))
+    if plan.block_size is not None:
+        _fit_block_size(spec, plan, widths)
+    return plan
+
+
+def _fit_block_size(spec: QuantizationSpec, plan: QuantPlan, widths: dict[str, int]) -> None:
+    """Apply block_size_policy to layers whose input width the block size does not divide."""
+    size = plan.block_size
+    misfits = {name: w for name, w in widths.items() if w % size}
+    if len(misfits) == len(widths):
+        options = [b for b in (128, 64, 32, 16) if all(w % b == 0 for w in widths.values())]
+        layer_widths = ", ".join(map(str, sorted(set(widths.values()))))
+        raise BadInput(f"quantization.block_size {size} divides no layer's input width ({layer_widths}); "
+                       f"use {' or '.join(map(str, options)) or 'a divisor of those widths'}")
+    if not misfits:
+        return
+    example = next(iter(sorted(misfits)))
+    problem = (f"block size {size} does not divide the input width of {len(misfits)} of {len(widths)} layers "
+               f"(e.g. {example}: {misfits[example]})")
+    candidates = INT4_BLOCK_SIZES if spec.format in ("int4_awq", "w4a8_awq") else ()
+    fallback = next((b for b in candidates if b < size and all(w % b == 0 for w in widths.values())), None)
+    if spec.block_size_policy == "error":
+        hint = f"set quantization.block_size: {fallback}" if fallback else "exclude those layers"
+        raise BadInput(f"{problem}; {hint}, or set quantization.block_size_policy to fallback or exclude")
+    if spec.block_size_policy == "fallback" and fallback:
+        plan.block_size = fallback
+        _set_block_size(plan.config, fallback)
+        decision = f"{problem}: every layer uses block size {fallback} instead (block_size_policy: fallback)"
+    else:
+        plan.excluded_layers = sorted(misfits)
+        plan.quantized_layers = [n for n in plan.quantized_layers if n not in misfits]
+        plan.config["quant_cfg"] += [{"quantizer_name": f"{n}.*", "enable": False} for n in plan.excluded_layers]
+        decision = f"{problem}: those layers stay unquantized (block_size_policy: {spec.block_size_policy})"
+    log.warning("%s", decision)
+    plan.decisions.append(decision)
+
+
+STATE_FILE = "modelopt_state.pt"
+TENSORS_FILE = "calibration.safetensors"
+
+
+def save_calibration(model, original_weights, out) -> dict:
+    """Store what calibration added or changed: ModelOpt's mode state plus only the tensors that differ from the
+    original weights (quantizer amax, pre-quant scales, weights AWQ/SmoothQuant rescaled). No second weight copy."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, mto = modelopt()
+    changed = {}
+    state = model.state_dict()
+    with safe_open(original_weights, "pt") as original:
+        known = set(original.keys())
+        # A tied weight (lm_head sharing the embedding) is saved once under the other name.
+        stored_storage = {state[n].data_ptr() for n in known if n in state}
+        for name, tensor in state.items():
+            if name in known:
+                if not torch.equal(tensor, original.get_tensor(name)):
+                    changed[name] = tensor.detach().clone().contiguous()
+            elif tensor.data_ptr() not in stored_storage:
+                changed[name] = tensor.detach().clone().contiguous()
+    save_file(changed, out / TENSORS_FILE)
+    torch.save(mto.modelopt_state(model), out / STATE_FILE)
+    return {"tensors": len(changed), "bytes": sum(t.numel() * t.element_size() for t in changed.values())}
+
+
+def restore_calibration(model, folder) -> None:
+    """Put a calibration artifact back onto a freshly loaded model, bit-identical to the calibrated one."""
+    import torch
+    from safetensors.torch import load_file
+
+    _, mto = modelopt()
+    state = torch.load(folder / STATE_FILE, weights_only=False)  # our own artifact, sha256-checked by the store
+    with library_prints():
+        mto.restore_from_modelopt_state(model, state)
+    result = model.load_state_dict(load_file(folder / TENSORS_FILE), strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"calibration state does not fit this model: {result.unexpected_keys[:3]}")
+
+
+def layer_errors(model) -> list[dict]:
+    """Relative weight error ||Q(W) - W|| / ||W|| of every quantized linear layer, for reports and plots."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            if quantizer is None or not quantizer.is_enabled:
+                continue
+            weight = module.weight.float()
+            error = (quantizer(module.weight).float() - weight).norm() / weight.norm().clamp_min(1e-12)
+            rows.append({"layer": name, "relative_error": round(float(error), 6), "shape": list(weight.shape)})
+    return rows
+
+
+def export_unified(model, dtype, export_dir) -> None:
+    """ModelOpt's unified Hugging Face checkpoint: real quantized tensors, hf_quant_config.json."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    with library_prints(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
+
+
+def export_trtllm(model, dtype, export_dir, tp: int, pp: int) -> None:
+    """TensorRT-LLM checkpoint (config.json + rank{N}.safetensors), sharded for tp x pp."""
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from modelopt.torch.export.model_utils import get_model_type
+
+    with library_prints(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_tensorrt_llm_checkpoint(model, decoder_type=get_model_type(model), dtype=dtype, export_dir=export_dir,
+                                       inference_tensor_parallel=tp, inference_pipeline_parallel=pp)

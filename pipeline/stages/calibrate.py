@@ -1,0 +1,75 @@
+"""calibrate: run ModelOpt calibration (max, AWQ, SmoothQuant, GPTQ) on the recipe's data and store only the
+calibration state. ModelOpt calibrates for one format, so the format is part of this stage's key; one calibration
+then serves every export (HF, TensorRT-LLM at any tp/pp) and every engine built from it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from pipeline import data
+from pipeline.errors import BadInput
+from pipeline.fmt import human_bytes
+from pipeline.recipe import Recipe
+from pipeline.stages.base import Stage, StageContext
+from pipeline.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+
+class Calibrate(Stage):
+    name = "calibrate"
+    version = "1"
+    inputs = ("load",)
+    fields = ("quantization", "calibration")
+    libraries = ("torch", "transformers", "nvidia-modelopt")
+    code_modules = ("pipeline.quant", "pipeline.data", "pipeline.modeling")
+
+    def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
+        return {**super().params(recipe, store), "data": data.fingerprint(recipe.calibration.dataset, store)}
+
+    def preflight(self, recipe: Recipe) -> None:
+        data.resolve(recipe.calibration.dataset)
+
+    def summary(self, metadata: dict) -> str:
+        return (f"{metadata['algorithm']} on {metadata['tokens']} tokens; state {human_bytes(metadata['state_bytes'])}"
+                f" ({metadata['state_ratio']:.2%} of the model)")
+
+    def run(self, ctx: StageContext) -> dict:
+        import torch
+
+        from pipeline.modeling import load_model
+        from pipeline.quant import library_prints, modelopt, plan_quantization, save_calibration
+
+        spec, calib = ctx.recipe.quantization, ctx.recipe.calibration
+        loaded = ctx.input("load")
+        model, tokenizer = load_model(loaded / "model")
+        limit = loaded.metadata.get("max_position_embeddings")
+        if limit and calib.seq_len > limit:
+            raise BadInput(f"calibration.seq_len {calib.seq_len} exceeds the model's {limit} positions; lower it")
+        windows = data.token_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
+        plan = plan_quantization(spec, model)
+        batches = list(torch.split(windows, calib.batch_size))
+
+        def forward_loop(m) -> None:
+            with torch.no_grad():
+                for batch in ctx.track(batches, total=len(batches), description="calibrating"):
+                    m(batch)
+
+        mtq, _ = modelopt()
+        started = time.time()
+        with library_prints():
+            mtq.quantize(model, plan.config, forward_loop)
+        seconds = time.time() - started
+        saved = save_calibration(model, loaded / "model" / "model.safetensors", ctx.out)
+        (ctx.out / "plan.json").write_text(json.dumps(
+            {"config": plan.config, "decisions": plan.decisions, "quantized_layers": plan.quantized_layers,
+             "excluded_layers": plan.excluded_layers}, indent=2, default=str))
+        model_bytes = loaded.metadata["weights_bytes"]
+        return {"format": spec.format, "algorithm": spec.resolved_algorithm, "kv_cache": spec.kv_cache,
+                "block_size": plan.block_size, "decisions": plan.decisions,
+                "quantized_layers": len(plan.quantized_layers), "excluded_layers": len(plan.excluded_layers),
+                "tokens": int(windows.numel()), "calibration_seconds": round(seconds, 2),
+                "state_tensors": saved["tensors"], "state_bytes": saved["bytes"],
+                "state_ratio": saved["bytes"] / model_bytes}
