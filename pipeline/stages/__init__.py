@@ -5,10 +5,11 @@ from __future__ import annotations
 from pipeline.errors import BadInput
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import Calibrate
+from pipeline.stages.export import Export
 from pipeline.stages.load import Load
 from pipeline.stages.quantize import Quantize
 
-STAGES: tuple[Stage, ...] = (Load(), Calibrate(), Quantize())
+STAGES: tuple[Stage, ...] = (Load(), Calibrate(), Quantize(), Export())
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 

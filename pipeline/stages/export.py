@@ -1,0 +1,117 @@
+"""export: the deployable checkpoints. `hf` is the unified Hugging Face checkpoint from quantize; `trtllm` is the
+TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) sharded for tp x pp. Both get the tokenizer, the
+generation config and a model card. Keyed on the quantized artifacts and export fields only: never recalibrates."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline import card
+from pipeline.errors import BadInput
+from pipeline.fmt import human_bytes
+from pipeline.recipe import Recipe
+from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.quantize import CHECKPOINT
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
+
+
+class Export(Stage):
+    name = "export"
+    version = "1"
+    inputs = ("load", "calibrate", "quantize")
+    fields = ("export",)
+    libraries = ("torch", "transformers", "nvidia-modelopt")
+    code_modules = ("pipeline.quant", "pipeline.card")
+
+    def preflight(self, recipe: Recipe) -> None:
+        if recipe.export.pp > 1 and "trtllm" not in recipe.export.formats:
+            raise BadInput("export.pp applies to the trtllm format only; add trtllm to export.formats or set pp: 1")
+
+    def summary(self, metadata: dict) -> str:
+        return "; ".join(f"{f} {human_bytes(m['bytes'])} ({m['bytes'] / metadata['fp16_bytes']:.2f}x of fp16)"
+                         for f, m in metadata["formats"].items())
+
+    def run(self, ctx: StageContext) -> dict:
+        loaded, calibrated, quantized = ctx.input("load"), ctx.input("calibrate"), ctx.input("quantize")
+        spec = ctx.recipe.export
+        _check_parallelism(loaded.metadata, spec.tp, spec.pp)
+        written = {}
+        for fmt in spec.formats:
+            target = ctx.out / fmt
+            if fmt == "hf":
+                _link_tree(quantized / CHECKPOINT, target)
+            else:
+                _export_trtllm(loaded.path / "model", calibrated.path, target, spec)
+            for name in TOKENIZER_FILES:
+                if (loaded / "model" / name).is_file() and not (target / name).exists():
+                    shutil.copy2(loaded / "model" / name, target / name)
+            written[fmt] = {"bytes": _weights_bytes(target), "files": sorted(p.name for p in target.iterdir()),
+                            "quant_algo": _quant_algo(target)}
+        facts = card_facts(ctx.recipe, loaded.metadata, calibrated.metadata)
+        for fmt, info in written.items():
+            (ctx.out / fmt / "README.md").write_text(card.render({**facts, "artifact": f"{fmt} checkpoint",
+                                                                  "bytes": info["bytes"]}))
+        return {"formats": written, "fp16_bytes": loaded.metadata["parameters"] * 2, "tp": spec.tp, "pp": spec.pp}
+
+
+def card_facts(recipe: Recipe, model: dict, calibration: dict) -> dict:
+    return {"model": model["name"], "parameters": model["parameters"], "architecture": model["architecture"],
+            "format": calibration["format"], "algorithm": calibration["algorithm"],
+            "kv_cache": calibration["kv_cache"], "block_size": calibration["block_size"],
+            "calibration_tokens": calibration["tokens"], "calibration_dataset": recipe.calibration.dataset,
+            "calibration_seed": recipe.calibration.seed, "decisions": calibration["decisions"],
+            "tp": recipe.export.tp, "pp": recipe.export.pp, "fp16_bytes": model["parameters"] * 2,
+            "target": recipe.target.gpu}
+
+
+def _check_parallelism(model: dict, tp: int, pp: int) -> None:
+    """tp must split heads, KV heads and the MLP evenly; pp must split the layers."""
+    for what, count in (("attention heads", model["num_heads"]), ("KV heads", model["num_kv_heads"]),
+                        ("intermediate size", model["intermediate_size"])):
+        if count and count % tp:
+            raise BadInput(f"export.tp {tp} does not divide the model's {count} {what}; use a tp that divides it")
+    if model["num_layers"] and pp > model["num_layers"]:
+        raise BadInput(f"export.pp {pp} exceeds the model's {model['num_layers']} layers; lower it")
+
+
+def _export_trtllm(model_dir: Path, calibration: Path, target: Path, spec) -> None:
+    import torch
+
+    from pipeline.modeling import load_model
+    from pipeline.quant import export_trtllm, restore_calibration
+
+    model, _ = load_model(model_dir)
+    restore_calibration(model, calibration)
+    export_trtllm(model, getattr(torch, spec.dtype), target, spec.tp, spec.pp)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link the files of an upstream artifact (same content, no copy); copy across filesystems."""
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        try:
+            os.link(file, dst / file.name)
+        except OSError:
+            shutil.copy2(file, dst / file.name)
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _quant_algo(folder: Path) -> str | None:
+    for name, path in (("hf_quant_config.json", ("quantization", "quant_algo")),
+                       ("config.json", ("quantization", "quant_algo"))):
+        try:
+            value = json.loads((folder / name).read_text())
+            for part in path:
+                value = value[part]
+            return value
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+    return None
