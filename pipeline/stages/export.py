@@ -54,8 +54,9 @@ class Export(Stage):
                             "quant_algo": _quant_algo(target)}
         facts = card_facts(ctx.recipe, loaded.metadata, calibrated.metadata)
         for fmt, info in written.items():
-            (ctx.out / fmt / "README.md").write_text(card.render({**facts, "artifact": f"{fmt} checkpoint",
-                                                                  "bytes": info["bytes"]}))
+            sharding = {"tp": spec.tp, "pp": spec.pp} if fmt == "trtllm" else {"tp": 1, "pp": 1}
+            (ctx.out / fmt / "README.md").write_text(card.render({**facts, **sharding, "bytes": info["bytes"],
+                                                                  "artifact": f"{fmt} checkpoint"}))
         return {"formats": written, "fp16_bytes": loaded.metadata["parameters"] * 2, "tp": spec.tp, "pp": spec.pp}
 
 
@@ -65,7 +66,7 @@ def card_facts(recipe: Recipe, model: dict, calibration: dict) -> dict:
             "kv_cache": calibration["kv_cache"], "block_size": calibration["block_size"],
             "calibration_tokens": calibration["tokens"], "calibration_dataset": recipe.calibration.dataset,
             "calibration_seed": recipe.calibration.seed, "decisions": calibration["decisions"],
-            "tp": recipe.export.tp, "pp": recipe.export.pp, "fp16_bytes": model["parameters"] * 2,
+            "fp16_bytes": model["parameters"] * 2,
             "target": recipe.target.gpu}
 
 
