@@ -43,13 +43,43 @@ class QuantPlan:
     decisions: list[str] = field(default_factory=list)
 
 
+CPU_NVFP4_BACKEND = "quantpipe_nvfp4_torch"
+
+
 def modelopt():
-    """Import ModelOpt's quantization API quietly (it warns about untested transformers releases)."""
+    """Import ModelOpt's quantization API quietly (it warns about untested transformers releases), with the
+    CPU NVFP4 backend registered: a restored model that names it must find it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
         import modelopt.torch.opt as mto
         import modelopt.torch.quantization as mtq
+        from modelopt.torch.quantization.nn.modules import tensor_quantizer
+    if not tensor_quantizer.is_registered_quant_backend(CPU_NVFP4_BACKEND):
+        tensor_quantizer.register_quant_backend(CPU_NVFP4_BACKEND, _nvfp4_fake_quant)
     return mtq, mto
+
+
+def _nvfp4_fake_quant(inputs, quantizer):
+    """NVFP4 fake quantization in plain torch, for CPUs: ModelOpt's own NVFP4QTensor quantize/dequantize math
+    (E2M1 values, FP8 E4M3 scale per 16-element block, fp32 scale from the tensor's amax). ModelOpt's built-in path
+    for dynamic block quantization needs a CUDA kernel."""
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    block = quantizer.block_sizes[-1]
+    amax = quantizer.amax if quantizer.amax is not None else inputs.abs().amax()
+    scale_2 = amax.float().reshape(()) / (6.0 * 448.0)
+    packed, scale, scale_2 = NVFP4QTensor.quantize(inputs, block, weights_scaling_factor_2=scale_2)
+    output = packed.dequantize(dtype=inputs.dtype, scale=scale, double_scale=scale_2, block_sizes={-1: block})
+    return output.reshape(inputs.shape)
+
+
+def _use_cpu_nvfp4(config: dict) -> None:
+    """Point every NVFP4 entry (FP4 values, FP8 block scales) at the CPU backend."""
+    for entry in config["quant_cfg"]:
+        cfgs = entry.get("cfg")
+        for cfg in cfgs if isinstance(cfgs, list) else [cfgs] if cfgs else []:
+            if cfg.get("num_bits") == (2, 1) and (cfg.get("block_sizes") or {}).get("scale_bits") == (4, 3):
+                cfg["backend"] = CPU_NVFP4_BACKEND
 
 
 @contextlib.contextmanager
@@ -103,6 +133,8 @@ def plan_quantization(spec: QuantizationSpec, model) -> QuantPlan:
         kv = getattr(mtq, KV_CACHE_CONFIGS[spec.kv_cache])["quant_cfg"]
         with library_prints():
             config = mtq.update_quant_cfg_with_kv_cache_quant(config, copy.deepcopy(kv))
+    if not torch.cuda.is_available():
+        _use_cpu_nvfp4(config)
     disabled = _disabled_patterns(config)
     widths = {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
               and not any(fnmatch.fnmatch(f"{name}.weight_quantizer", p) for p in disabled)}
