@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from pipeline import host, runner, targets
-from pipeline.errors import BadInput, QuantpipeError
+from pipeline.errors import BadInput, QuantpipeError, VerificationFailed
 from pipeline.fmt import human_bytes
 from pipeline.publish import published_keys
 from pipeline.recipe import load_recipe, presets
@@ -53,6 +53,11 @@ def _emit(as_json: bool, data: object, render: Callable[[], None]) -> None:
         render()
 
 
+def _fail(exc: QuantpipeError) -> None:
+    err.print(f"[bold red]quantpipe: error:[/] {exc}", markup=True, highlight=False)
+    sys.exit(exc.exit_code)
+
+
 def common(func: Callable) -> Callable:
     """Options every command takes, plus the error handling that gives stable exit codes."""
 
@@ -73,8 +78,7 @@ def common(func: Callable) -> Callable:
         except QuantpipeError as exc:
             if as_json:
                 out.print_json(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
-            err.print(f"[bold red]quantpipe: error:[/] {exc}", markup=True, highlight=False)
-            sys.exit(exc.exit_code)
+            _fail(exc)
         except KeyboardInterrupt:
             err.print("quantpipe: interrupted; nothing half-written was kept, rerun to resume")
             sys.exit(130)
@@ -150,12 +154,17 @@ def run(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tupl
     started = time.time()
     reporter = ConsoleReporter(enabled=err.is_terminal and not as_json and not quiet)
     with reporter.progress:
-        outcomes = runner.run(parsed, store, until=until, force=force, reporter=reporter)
+        result = runner.run(parsed, store, until=until, force=force, reporter=reporter)
     seconds = time.time() - started
-    result = {"ok": True, "recipe": parsed.name, "seconds": round(seconds, 3), "cache": str(store.root),
-              "stages": [o.to_json() for o in outcomes]}
-    if not quiet:
-        _emit(as_json, result, lambda: out.print(_summary_table(outcomes, seconds)))
+    summary = {"ok": result.failure is None, "recipe": parsed.name, "seconds": round(seconds, 3),
+               "cache": str(store.root), "stages": [o.to_json() for o in result.outcomes]}
+    if as_json:
+        failure = {"error": result.failure, "exit_code": VerificationFailed.exit_code} if result.failure else {}
+        out.print_json(json.dumps({**summary, **failure}, default=str))
+    elif not quiet or result.failure:
+        out.print(_summary_table(result.outcomes, seconds))
+    if result.failure:
+        _fail(VerificationFailed(result.failure))
 
 
 @main.command()

@@ -34,6 +34,16 @@ DEFAULT_BLOCK_SIZE: dict[str, int | None] = {
     "nvfp4": 16,
     "nvfp4_awq": 16,
 }
+# Verify thresholds per format: (max perplexity ratio vs the unquantized model, min greedy-generation agreement,
+# min logit cosine between the dequantized export and the calibrated model). Set from SmolLM2-135M measurements.
+DEFAULT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
+    "fp8": (1.05, 0.50, 0.995),
+    "int8_sq": (1.10, 0.40, 0.995),
+    "int4_awq": (1.25, 0.20, 0.95),
+    "w4a8_awq": (1.30, 0.20, 0.95),
+    "nvfp4": (1.30, 0.20, 0.97),
+    "nvfp4_awq": (1.30, 0.20, 0.97),
+}
 _BLOCK_FORMATS = ("int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq")
 # Algorithms that only make sense for some formats (max works everywhere).
 ALGORITHM_FORMATS: dict[str, tuple[str, ...]] = {
@@ -129,6 +139,8 @@ class VerifySpec(Section):
     tokens: int = Field(2048, gt=0, description="held-out tokens for perplexity")
     ppl_ratio_max: float | None = Field(None, gt=1.0, description="none = the format's default threshold")
     gen_agreement_min: float | None = Field(None, ge=0.0, le=1.0)
+    parity_cosine_min: float | None = Field(None, gt=0.0, le=1.0)
+    seq_len: int = Field(512, gt=1, description="window length for perplexity")
     max_new_tokens: int = Field(32, ge=1)
     prompts: tuple[str, ...] = (
         "The capital of France is",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import host, targets
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, VerificationFailed
 from pipeline.recipe import Recipe
 from pipeline.stages import STAGES, Stage, StageContext
 from pipeline.store import Artifact, ArtifactStore, write_json_atomic
@@ -51,6 +51,16 @@ class Outcome:
     def to_json(self) -> dict:
         return {"stage": self.stage, "key": self.key, "status": self.status, "seconds": round(self.seconds, 3),
                 "bytes": self.artifact.size, "path": str(self.artifact.path), "metadata": self.artifact.metadata}
+
+
+@dataclass
+class RunResult:
+    outcomes: list[Outcome]
+    failure: str | None = None  # a stage made its artifact but the run must fail (verify below threshold)
+
+    def raise_failure(self) -> None:
+        if self.failure:
+            raise VerificationFailed(self.failure)
 
 
 class Reporter:
@@ -106,7 +116,7 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
 
 
 def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),
-        reporter: Reporter | None = None, stages: tuple[Stage, ...] = STAGES) -> list[Outcome]:
+        reporter: Reporter | None = None, stages: tuple[Stage, ...] = STAGES) -> RunResult:
     """Run the chain: hits are skipped, misses built under a per-key lock. Writes a run record."""
     reporter = reporter or Reporter()
     steps = plan(recipe, store, until=until, force=force, stages=stages)
@@ -117,6 +127,7 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
     started = time.time()
     outcomes: list[Outcome] = []
     artifacts: dict[str, Artifact] = {}
+    failure = None
     for step in steps:
         reporter.stage_started(step)
         t0 = time.time()
@@ -125,8 +136,11 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
         outcome = Outcome(step.stage.name, step.key, status, time.time() - t0, artifact)
         outcomes.append(outcome)
         reporter.stage_finished(outcome)
-    _write_run_record(store, recipe, steps, outcomes, started)
-    return outcomes
+        failure = step.stage.failure(artifact.metadata)
+        if failure:
+            break
+    _write_run_record(store, recipe, steps, outcomes, started, failure)
+    return RunResult(outcomes, failure)
 
 
 def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str, Artifact],
@@ -191,8 +205,10 @@ def _latest_record(store: ArtifactStore, name: str) -> dict:
 
 
 def _write_run_record(store: ArtifactStore, recipe: Recipe, steps: list[Step], outcomes: list[Outcome],
-                      started: float) -> None:
+                      started: float, failure: str | None) -> None:
     record = {
+        "ok": failure is None,
+        "failure": failure,
         "recipe": recipe.model_dump(mode="json"),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 3),

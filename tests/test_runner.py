@@ -23,9 +23,9 @@ def calls_file(tmp_path):
 
 def test_first_run_builds_every_stage_and_second_run_builds_nothing(store, calls_file):
     recipe = load_recipe("fp8")
-    first = runner.run(recipe, store, stages=toy_chain(calls_file))
+    first = runner.run(recipe, store, stages=toy_chain(calls_file)).outcomes
     assert [o.status for o in first] == ["built", "built", "built"]
-    second = runner.run(recipe, store, stages=toy_chain(calls_file))
+    second = runner.run(recipe, store, stages=toy_chain(calls_file)).outcomes
     assert [o.status for o in second] == ["hit", "hit", "hit"]
     assert [o.key for o in first] == [o.key for o in second]
     assert calls(calls_file) == ["load", "calibrate", "export"]
@@ -38,14 +38,14 @@ def test_changing_a_calibration_field_reruns_calibrate_and_downstream_only(store
     assert [s.hit for s in steps] == [True, False, False]
     assert steps[1].reasons == ["calibration.samples: 32 -> 64"]
     assert steps[2].reasons == ["input calibrate changed"]
-    outcomes = runner.run(changed, store, stages=toy_chain(calls_file))
+    outcomes = runner.run(changed, store, stages=toy_chain(calls_file)).outcomes
     assert [o.status for o in outcomes] == ["hit", "built", "built"]
     assert calls(calls_file) == ["load", "calibrate", "export", "calibrate", "export"]
 
 
 def test_changing_an_export_field_keeps_calibration(store, calls_file):
     runner.run(load_recipe("fp8"), store, stages=toy_chain(calls_file))
-    outcomes = runner.run(load_recipe("fp8", ["export.tp=2"]), store, stages=toy_chain(calls_file))
+    outcomes = runner.run(load_recipe("fp8", ["export.tp=2"]), store, stages=toy_chain(calls_file)).outcomes
     assert [o.status for o in outcomes] == ["hit", "hit", "built"]
 
 
@@ -62,12 +62,12 @@ def test_keys_depend_on_params_inputs_and_environment(store, monkeypatch):
 def test_force_rebuilds_that_stage_and_everything_after(store, calls_file):
     recipe = load_recipe("fp8")
     runner.run(recipe, store, stages=toy_chain(calls_file))
-    outcomes = runner.run(recipe, store, force=["calibrate"], stages=toy_chain(calls_file))
+    outcomes = runner.run(recipe, store, force=["calibrate"], stages=toy_chain(calls_file)).outcomes
     assert [o.status for o in outcomes] == ["hit", "built", "built"]
 
 
 def test_until_stops_after_the_named_stage(store):
-    outcomes = runner.run(load_recipe("fp8"), store, until="calibrate", stages=toy_chain())
+    outcomes = runner.run(load_recipe("fp8"), store, until="calibrate", stages=toy_chain()).outcomes
     assert [o.stage for o in outcomes] == ["load", "calibrate"]
     with pytest.raises(BadInput, match="unknown stage 'verfy'"):
         runner.plan(load_recipe("fp8"), store, until="verfy", stages=toy_chain())
@@ -75,13 +75,13 @@ def test_until_stops_after_the_named_stage(store):
 
 def test_damaged_artifact_is_rebuilt_not_used(store, calls_file, caplog):
     recipe = load_recipe("fp8")
-    first = runner.run(recipe, store, stages=toy_chain(calls_file))
+    first = runner.run(recipe, store, stages=toy_chain(calls_file)).outcomes
     victim = first[1].artifact / "out.txt"
     original = victim.read_bytes()
     data = bytearray(original)
     data[0] ^= 0xFF
     victim.write_bytes(bytes(data))
-    outcomes = runner.run(recipe, store, stages=toy_chain(calls_file))
+    outcomes = runner.run(recipe, store, stages=toy_chain(calls_file)).outcomes
     assert [o.status for o in outcomes] == ["hit", "built", "hit"]
     assert (outcomes[1].artifact / "out.txt").read_bytes() == original
     assert "damaged artifact calibrate" in caplog.text

@@ -8,8 +8,9 @@ from pipeline.stages.calibrate import Calibrate
 from pipeline.stages.export import Export
 from pipeline.stages.load import Load
 from pipeline.stages.quantize import Quantize
+from pipeline.stages.verify import Verify
 
-STAGES: tuple[Stage, ...] = (Load(), Calibrate(), Quantize(), Export())
+STAGES: tuple[Stage, ...] = (Load(), Calibrate(), Quantize(), Export(), Verify())
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 

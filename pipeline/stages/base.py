@@ -65,6 +65,10 @@ class Stage:
         """One short phrase about an artifact for the run's summary table."""
         return ""
 
+    def failure(self, metadata: dict) -> str | None:
+        """A reason to fail the run although the artifact was made (verify's missed thresholds)."""
+        return None
+
     def run(self, ctx: StageContext) -> dict:
         """Write the artifact's files into ctx.out and return metadata for the manifest."""
         raise NotImplementedError

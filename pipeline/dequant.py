@@ -1,0 +1,170 @@
+"""Read exported checkpoints and dequantize them by hand, because plain transformers loads them wrong.
+
+Both layouts (unified HF and TensorRT-LLM) become one dictionary of Hugging Face names -> effective float weights
+(pre-quant scales folded in), which verify loads into a plain model and compares with the calibrated one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Tensor naming of one checkpoint format: suffixes of the weight's companions."""
+
+    weight_scale: str
+    weight_scale_2: str
+    input_scale: str
+    pre_quant_scale: str
+
+
+HF = Layout("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
+TRTLLM = Layout("weights_scaling_factor", "weights_scaling_factor_2", "activation_scaling_factor",
+                "prequant_scaling_factor")
+
+# What each quant_algo's quantized weight must look like: (weight dtypes, required companions). Packed int4 is
+# uint8 in the HF layout and int8 in TensorRT-LLM's.
+EXPECTED: dict[str, tuple[tuple[torch.dtype, ...], tuple[str, ...]]] = {
+    "FP8": ((torch.float8_e4m3fn,), ("weight_scale", "input_scale")),
+    "W8A8_SQ_PER_CHANNEL": ((torch.int8,), ("weight_scale", "input_scale")),
+    "W4A16_AWQ": ((torch.uint8, torch.int8), ("weight_scale",)),
+    "W4A8_AWQ": ((torch.uint8, torch.int8), ("weight_scale", "weight_scale_2", "input_scale")),
+    "NVFP4": ((torch.uint8,), ("weight_scale", "weight_scale_2", "input_scale")),
+}
+
+
+def read_config(folder: Path) -> dict:
+    """quant_algo, kv cache algo, group size and layout of an exported checkpoint."""
+    config = json.loads((folder / "config.json").read_text())
+    if (folder / "hf_quant_config.json").is_file():
+        q = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+        return {"layout": "hf", "quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
+                "group_size": q.get("group_size"), "exclude_modules": q.get("exclude_modules", []), "config": config}
+    q = config.get("quantization", {})
+    return {"layout": "trtllm", "quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
+            "group_size": q.get("group_size"), "exclude_modules": q.get("exclude_modules", []), "config": config,
+            "mapping": config.get("mapping", {})}
+
+
+def dequantize_weight(algo: str, weight: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor | None,
+                      in_features: int) -> torch.Tensor:
+    """One quantized weight back to float32 [out, in]."""
+    if algo == "FP8":
+        return weight.float() * scale.float()
+    if algo == "W8A8_SQ_PER_CHANNEL":
+        return weight.float() * scale.float().reshape(-1, 1)
+    if algo in ("W4A16_AWQ", "W4A8_AWQ"):
+        # Two signed 4-bit values per byte, packed along the output dimension (low nibble first).
+        packed = weight.view(torch.uint8)
+        low = (packed & 0x0F).to(torch.int8)
+        high = (packed >> 4).to(torch.int8)
+        values = torch.stack([low, high], dim=1).reshape(-1, in_features).float()
+        values = torch.where(values > 7, values - 16, values)  # two's complement nibbles
+        return values * scale.float().repeat_interleave(in_features // scale.shape[-1], dim=-1)
+    if algo == "NVFP4":
+        # Two E2M1 values per byte along the input dimension; an FP8 scale per 16 values and a global fp32 scale.
+        lut = torch.tensor(E2M1_VALUES)
+        values = torch.stack([lut[(weight & 0x0F).long()], lut[(weight >> 4).long()]], dim=-1)
+        values = values.reshape(weight.shape[0], in_features)
+        block = in_features // scale.shape[-1]
+        return values * (scale.float() * scale_2.float()).repeat_interleave(block, dim=-1)
+    raise ValueError(f"no dequantizer for quant_algo {algo}")
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def effective_weights(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """HF-named float weights of a checkpoint (quantized ones dequantized, pre-quant scales folded in), and the
+    structure problems found on the way. `shapes` maps each HF linear name to its original (out, in)."""
+    info = read_config(folder)
+    tensors = _tensors(folder)
+    if info["layout"] == "trtllm":
+        tensors = _trtllm_to_hf(tensors, info["config"])
+        layout = TRTLLM
+    else:
+        layout = HF
+    algo = info["quant_algo"]
+    expected_dtypes, companions = EXPECTED.get(algo, ((), ()))
+    problems: list[str] = [] if algo in EXPECTED else [f"unknown quant_algo {algo!r}"]
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and f"{module}.{layout.weight_scale}" in tensors:
+            if tensor.dtype not in expected_dtypes:
+                problems.append(f"{name}: dtype {tensor.dtype}, {algo} expects {expected_dtypes[0]}")
+                continue
+            missing = [c for c in companions if f"{module}.{getattr(layout, c)}" not in tensors]
+            if missing:
+                problems.append(f"{module}: missing {', '.join(getattr(layout, c) for c in missing)}")
+                continue
+            weight = dequantize_weight(algo, tensor, tensors[f"{module}.{layout.weight_scale}"],
+                                       tensors.get(f"{module}.{layout.weight_scale_2}"), shapes[module][1])
+            if tuple(weight.shape) != tuple(shapes[module]):
+                problems.append(f"{name}: dequantizes to {tuple(weight.shape)}, model has {tuple(shapes[module])}")
+                continue
+            pqs = tensors.get(f"{module}.{layout.pre_quant_scale}")
+            out[name] = weight * pqs.float().reshape(1, -1) if pqs is not None else weight
+        elif not any(name.endswith(f".{getattr(layout, f)}") for f in layout.__dataclass_fields__):
+            out[name] = tensor.float()
+    if "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied embeddings are stored once
+    for module in shapes:
+        if f"{module}.weight" not in out:
+            problems.append(f"{module}.weight: not in the checkpoint")
+    return out, problems
+
+
+# TensorRT-LLM decoder names -> Hugging Face Llama names (per layer); qkv is split by head counts.
+_TRTLLM_LAYER = {
+    "attention.dense": "self_attn.o_proj",
+    "mlp.fc": "mlp.gate_proj",
+    "mlp.gate": "mlp.up_proj",
+    "mlp.proj": "mlp.down_proj",
+    "input_layernorm": "input_layernorm",
+    "post_layernorm": "post_attention_layernorm",
+}
+_TRTLLM_TOP = {"transformer.vocab_embedding": "model.embed_tokens", "transformer.ln_f": "model.norm",
+               "lm_head": "lm_head"}
+
+
+def _trtllm_to_hf(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Rename a single-rank TensorRT-LLM checkpoint to HF names, splitting fused qkv tensors."""
+    head = config["head_size"]
+    q_rows, kv_rows = config["num_attention_heads"] * head, config["num_key_value_heads"] * head
+    renamed: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if module in _TRTLLM_TOP:
+            renamed[f"{_TRTLLM_TOP[module]}.{leaf}"] = tensor
+            continue
+        prefix, _, rest = module.partition(".layers.")
+        index, _, sub = rest.partition(".")
+        hf_layer = f"model.layers.{index}"
+        if sub == "attention.qkv":
+            renamed.update(_split_qkv(hf_layer, leaf, tensor, q_rows, kv_rows))
+        elif sub in _TRTLLM_LAYER:
+            renamed[f"{hf_layer}.{_TRTLLM_LAYER[sub]}.{leaf}"] = tensor
+    return renamed
+
+
+def _split_qkv(layer: str, leaf: str, tensor: torch.Tensor, q_rows: int, kv_rows: int) -> dict[str, torch.Tensor]:
+    names = [f"{layer}.self_attn.{p}.{leaf}" for p in ("q_proj", "k_proj", "v_proj")]
+    total = q_rows + 2 * kv_rows
+    if tensor.dim() >= 1 and tensor.shape[0] in (total, total // 2) and tensor.numel() > 1:
+        factor = tensor.shape[0] / total  # int4 weights pack two rows per byte row
+        sizes = [int(q_rows * factor), int(kv_rows * factor), int(kv_rows * factor)]
+        return dict(zip(names, torch.split(tensor, sizes, dim=0)))
+    return dict.fromkeys(names, tensor)  # per-tensor scales and pre-quant scales are shared by q, k and v

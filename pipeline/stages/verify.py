@@ -1,0 +1,170 @@
+"""verify: prove the artifacts right before anyone spends GPU time on them. Structure of every export, its
+dequantized weights and logits against the calibrated model, perplexity and greedy-generation agreement against the
+unquantized model on held-out text; report.json, report.md and a plot. A missed threshold fails the run (exit 5),
+and the failing report stays in the store like any other result."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline import data
+from pipeline.errors import BadInput
+from pipeline.recipe import DEFAULT_THRESHOLDS, Recipe
+from pipeline.stages.base import Stage, StageContext
+from pipeline.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+# Relative error allowed between an export's dequantized layer and the calibrated one: exporters requantize fused
+# layers (q/k/v, gate/up) with a shared scale, which moves values by up to a quantization step.
+LAYER_TOLERANCE = {"fp8": 0.1, "int8_sq": 0.1, "int4_awq": 0.5, "w4a8_awq": 0.5, "nvfp4": 0.25, "nvfp4_awq": 0.25}
+# Norms whose scale an exporter may fold AWQ/SmoothQuant pre-quant scales into, and the layers they feed (Llama-like).
+FOLDED_NORMS = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
+                "self_attn.v_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm",
+                "mlp.up_proj": "post_attention_layernorm"}
+
+
+def thresholds(recipe: Recipe) -> dict:
+    ppl, agree, cosine = DEFAULT_THRESHOLDS[recipe.quantization.format]
+    v = recipe.verify
+    return {"ppl_ratio_max": v.ppl_ratio_max or ppl, "agreement_min": agree if v.gen_agreement_min is None
+            else v.gen_agreement_min, "parity_cosine_min": v.parity_cosine_min or cosine}
+
+
+class Verify(Stage):
+    name = "verify"
+    version = "1"
+    inputs = ("load", "calibrate", "export")
+    fields = ("verify",)
+    libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors")
+    code_modules = ("pipeline.evaluate", "pipeline.dequant", "pipeline.quant", "pipeline.report")
+
+    def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
+        return {**super().params(recipe, store), "data": data.fingerprint(recipe.verify.dataset, store),
+                "thresholds": thresholds(recipe)}
+
+    def preflight(self, recipe: Recipe) -> None:
+        shared = data.shared_paragraphs(recipe.calibration.dataset, recipe.verify.dataset)
+        if shared:
+            raise BadInput(f"verify.dataset shares {shared} paragraphs with calibration.dataset; evaluate on "
+                           "held-out text (the shipped 'eval' set is disjoint from 'calib')")
+
+    def summary(self, metadata: dict) -> str:
+        verdict = "passed" if metadata["passed"] else "FAILED"
+        return (f"{verdict}: ppl ratio {metadata['ppl_ratio']:.3f}, agreement {metadata['agreement']:.0%}, "
+                f"parity cos {min(metadata['parity'].values(), default=1.0):.4f}")
+
+    def failure(self, metadata: dict) -> str | None:
+        if metadata["passed"]:
+            return None
+        return "verification failed: " + "; ".join(metadata["failures"])
+
+    def run(self, ctx: StageContext) -> dict:
+        import torch
+
+        from pipeline import evaluate, report
+        from pipeline.modeling import load_model
+        from pipeline.quant import modelopt, restore_calibration
+
+        recipe, spec, limits = ctx.recipe, ctx.recipe.verify, ctx.params["thresholds"]
+        loaded, calibrated, exported = ctx.input("load"), ctx.input("calibrate"), ctx.input("export")
+        original, tokenizer = load_model(loaded / "model")
+        windows = evaluate.eval_windows(tokenizer, data.load_documents(spec.dataset), spec.tokens, spec.seq_len)
+        quantized, _ = load_model(loaded / "model")
+        restore_calibration(quantized, calibrated.path)
+
+        ppl_original = evaluate.perplexity(original, windows)
+        ppl_quantized = evaluate.perplexity(quantized, windows)
+        prompts = [evaluate.prompt_ids(tokenizer, p) for p in spec.prompts]
+        texts_original = evaluate.generate(original, tokenizer, prompts, spec.max_new_tokens)
+        texts_quantized = evaluate.generate(quantized, tokenizer, prompts, spec.max_new_tokens)
+        agree = evaluate.agreement(quantized, prompts, texts_original)
+
+        # Parity: weight-only view of the calibrated model (activation and KV quantizers off, pre-quant scales kept)
+        # against a plain model holding each export's dequantized weights.
+        mtq, _ = modelopt()
+        for pattern in ("*input_quantizer", "*output_quantizer", "*_bmm_quantizer"):
+            mtq.disable_quantizer(quantized, pattern)
+        exports, failures = {}, []
+        for fmt in exported.metadata["formats"]:
+            exports[fmt] = self._check_export(exported.path / fmt, quantized, original, loaded, windows, recipe)
+        for fmt, result in exports.items():
+            failures += [f"{fmt}: {p}" for p in result["problems"]]
+            failures += [f"{fmt}: {layer['layer']} dequantizes {layer['error']:.2f} away from the calibrated layer "
+                         f"(tolerance {layer['tolerance']}): check {layer['tensors']}" for layer in result["bad_layers"]]
+            if result["parity"]["cosine"] < limits["parity_cosine_min"]:
+                failures.append(f"{fmt}: logit cosine {result['parity']['cosine']:.4f} < "
+                                f"{limits['parity_cosine_min']}")
+        ratio = ppl_quantized / ppl_original
+        if ratio > limits["ppl_ratio_max"]:
+            failures.append(f"perplexity ratio {ratio:.3f} > {limits['ppl_ratio_max']}")
+        if agree < limits["agreement_min"]:
+            failures.append(f"generation agreement {agree:.2f} < {limits['agreement_min']}")
+
+        result = {
+            "passed": not failures, "failures": failures, "thresholds": limits, "format": recipe.quantization.format,
+            "eval_tokens": int(windows.numel()), "ppl_original": round(ppl_original, 4),
+            "ppl_quantized": round(ppl_quantized, 4), "ppl_ratio": round(ratio, 4), "agreement": round(agree, 4),
+            "parity": {fmt: r["parity"]["cosine"] for fmt, r in exports.items()},
+            "exports": {fmt: {k: v for k, v in r.items() if k != "layers"} for fmt, r in exports.items()},
+            "generations": [{"prompt": p, "original": tokenizer.decode(a, skip_special_tokens=True),
+                             "quantized": tokenizer.decode(b, skip_special_tokens=True)}
+                            for p, a, b in zip(spec.prompts, texts_original, texts_quantized)],
+            "engine": "no engine built (build.backend: none)",
+            "sizes": {fmt: info["bytes"] for fmt, info in exported.metadata["formats"].items()},
+            "fp16_bytes": exported.metadata["fp16_bytes"],
+        }
+        report.write(ctx.out, result, {fmt: r["layers"] for fmt, r in exports.items()})
+        return result
+
+    @staticmethod
+    def _check_export(folder: Path, quantized, original, loaded, windows, recipe: Recipe) -> dict:
+        import torch
+
+        from pipeline import evaluate
+        from pipeline.dequant import effective_weights, read_config
+        from pipeline.modeling import load_model
+
+        info = read_config(folder)
+        shapes = {n: tuple(m.weight.shape) for n, m in quantized.named_modules() if isinstance(m, torch.nn.Linear)}
+        weights, problems = effective_weights(folder, shapes)
+        plain, _ = load_model(loaded / "model")
+        state = plain.state_dict()
+        plain.load_state_dict({k: v.to(state[k].dtype) for k, v in weights.items() if k in state}, strict=False)
+        layers = _layer_errors(quantized, original, weights, info)
+        tolerance = LAYER_TOLERANCE[recipe.quantization.format]
+        bad = [{**row, "tolerance": tolerance} for row in layers if row["error"] > tolerance]
+        return {"quant_algo": info["quant_algo"], "kv_cache_quant_algo": info["kv_cache_quant_algo"],
+                "group_size": info["group_size"], "problems": problems, "bad_layers": bad[:5], "layers": layers,
+                "parity": evaluate.logit_parity(plain, quantized, windows[0]),
+                "ppl_dequantized": round(evaluate.perplexity(plain, windows[:1]), 4)}
+
+
+def _layer_errors(quantized, original, weights: dict, info: dict) -> list[dict]:
+    """Per quantized layer: relative distance between the export's effective weight and the calibrated one."""
+    import torch
+
+    rows = []
+    original_state = original.state_dict()
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            if quantizer is None or not quantizer.is_enabled or f"{name}.weight" not in weights:
+                continue
+            reference = quantizer(module.weight).float()
+            pqs = getattr(module.input_quantizer, "pre_quant_scale", None)
+            if pqs is not None:
+                reference = reference * pqs.float().reshape(1, -1)
+            exported = weights[f"{name}.weight"]
+            layer, _, leaf = name.partition(".layers.")
+            index, _, sub = leaf.partition(".")
+            norm = FOLDED_NORMS.get(sub)
+            norm_key = f"{layer}.layers.{index}.{norm}.weight"
+            if norm and norm_key in weights and norm_key in original_state:
+                exported = exported * (weights[norm_key] / original_state[norm_key].float()).reshape(1, -1)
+            error = ((exported - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+            tensors = (f"{name}.weight / {name}.weight_scale" if info["layout"] == "hf"
+                       else f"the TensorRT-LLM tensors of {name} (weights / weights_scaling_factor)")
+            rows.append({"layer": name, "error": round(error, 5), "tensors": tensors})
+    return rows
