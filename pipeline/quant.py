@@ -253,3 +253,19 @@ def export_trtllm(model, dtype, export_dir, tp: int, pp: int) -> None:
         warnings.simplefilter("ignore")
         export_tensorrt_llm_checkpoint(model, decoder_type=get_model_type(model), dtype=dtype, export_dir=export_dir,
                                        inference_tensor_parallel=tp, inference_pipeline_parallel=pp)
+
+
+def fold_weight_quantization(model) -> list[str]:
+    """Replace each weight by its fake-quantized value once and switch the weight quantizer off: the same
+    forward, without re-quantizing every weight on every call (decoding gets ~10x faster on CPU)."""
+    import torch
+
+    folded = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            if quantizer is not None and quantizer.is_enabled:
+                module.weight.data = quantizer(module.weight)
+                quantizer.disable()
+                folded.append(name)
+    return folded

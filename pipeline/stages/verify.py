@@ -65,7 +65,7 @@ class Verify(Stage):
 
         from pipeline import evaluate, report
         from pipeline.modeling import load_model
-        from pipeline.quant import modelopt, restore_calibration
+        from pipeline.quant import fold_weight_quantization, modelopt, restore_calibration
 
         recipe, spec, limits = ctx.recipe, ctx.recipe.verify, ctx.params["thresholds"]
         loaded, calibrated, exported = ctx.input("load"), ctx.input("calibrate"), ctx.input("export")
@@ -73,6 +73,7 @@ class Verify(Stage):
         windows = evaluate.eval_windows(tokenizer, data.load_documents(spec.dataset), spec.tokens, spec.seq_len)
         quantized, _ = load_model(loaded / "model")
         restore_calibration(quantized, calibrated.path)
+        folded = fold_weight_quantization(quantized)
 
         ppl_original = evaluate.perplexity(original, windows)
         ppl_quantized = evaluate.perplexity(quantized, windows)
@@ -88,7 +89,8 @@ class Verify(Stage):
             mtq.disable_quantizer(quantized, pattern)
         exports, failures = {}, []
         for fmt in exported.metadata["formats"]:
-            exports[fmt] = self._check_export(exported.path / fmt, quantized, original, loaded, windows, recipe)
+            exports[fmt] = self._check_export(exported.path / fmt, quantized, folded, original, loaded, windows,
+                                              recipe)
         for fmt, result in exports.items():
             failures += [f"{fmt}: {p}" for p in result["problems"]]
             failures += [f"{fmt}: {layer['layer']} dequantizes {layer['error']:.2f} away from the calibrated layer "
@@ -119,7 +121,7 @@ class Verify(Stage):
         return result
 
     @staticmethod
-    def _check_export(folder: Path, quantized, original, loaded, windows, recipe: Recipe) -> dict:
+    def _check_export(folder: Path, quantized, folded: list[str], original, loaded, windows, recipe: Recipe) -> dict:
         import torch
 
         from pipeline import evaluate
@@ -132,7 +134,7 @@ class Verify(Stage):
         plain, _ = load_model(loaded / "model")
         state = plain.state_dict()
         plain.load_state_dict({k: v.to(state[k].dtype) for k, v in weights.items() if k in state}, strict=False)
-        layers = _layer_errors(quantized, original, weights, info)
+        layers = _layer_errors(quantized, folded, original, weights, info)
         tolerance = LAYER_TOLERANCE[recipe.quantization.format]
         bad = [{**row, "tolerance": tolerance} for row in layers if row["error"] > tolerance]
         return {"quant_algo": info["quant_algo"], "kv_cache_quant_algo": info["kv_cache_quant_algo"],
@@ -141,18 +143,19 @@ class Verify(Stage):
                 "ppl_dequantized": round(evaluate.perplexity(plain, windows[:1]), 4)}
 
 
-def _layer_errors(quantized, original, weights: dict, info: dict) -> list[dict]:
-    """Per quantized layer: relative distance between the export's effective weight and the calibrated one."""
+def _layer_errors(quantized, folded: list[str], original, weights: dict, info: dict) -> list[dict]:
+    """Per quantized layer: relative distance between the export's effective weight and the calibrated one
+    (`folded` layers hold their fake-quantized weight)."""
     import torch
 
     rows = []
     original_state = original.state_dict()
     with torch.no_grad():
-        for name, module in quantized.named_modules():
-            quantizer = getattr(module, "weight_quantizer", None)
-            if quantizer is None or not quantizer.is_enabled or f"{name}.weight" not in weights:
+        for name in folded:
+            module = quantized.get_submodule(name)
+            if f"{name}.weight" not in weights:
                 continue
-            reference = quantizer(module.weight).float()
+            reference = module.weight.float()
             pqs = getattr(module.input_quantizer, "pre_quant_scale", None)
             if pqs is not None:
                 reference = reference * pqs.float().reshape(1, -1)
