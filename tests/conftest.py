@@ -1,0 +1,38 @@
+"""Shared fixtures. The real SmolLM2 model is imported once per session into a store that all real-model tests
+share (set QUANTPIPE_TEST_CACHE to keep it between sessions while developing)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline import runner
+from pipeline.recipe import load_recipe
+from pipeline.store import ArtifactStore
+
+# Small enough for CI on two cores, large enough that every algorithm sees real statistics.
+TINY = [
+    "calibration.samples=4",
+    "calibration.seq_len=64",
+    "verify.tokens=256",
+    "verify.seq_len=128",
+    "verify.max_new_tokens=8",
+    "verify.prompts=['The capital of France is', 'Write one sentence about the ocean.']",
+]
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory) -> ArtifactStore:
+    root = os.environ.get("QUANTPIPE_TEST_CACHE")
+    return ArtifactStore(Path(root) if root else tmp_path_factory.mktemp("real-cache"))
+
+
+@pytest.fixture(scope="session")
+def run_preset(real_store):
+    """Run a preset with the tiny settings (plus overrides) through the real stages."""
+
+    def run(preset: str, *overrides: str, until: str | None = "export", force=()):
+        recipe = load_recipe(preset, [*TINY, *overrides])
+        return runner.run(recipe, real_store, until=until, force=force)
+
+    return run

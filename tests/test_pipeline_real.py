@@ -1,0 +1,108 @@
+"""The whole chain on the real model: caching, partial invalidation, reuse across exports, verification."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import runner
+from pipeline.recipe import load_recipe
+from pipeline.store import MANIFEST, ArtifactStore, write_json_atomic
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def statuses(result):
+    return {o.stage: o.status for o in result.outcomes}
+
+
+def test_identical_rerun_executes_no_stage(run_preset):
+    first = run_preset("fp8", until="verify")
+    assert first.failure is None, first.failure
+    second = run_preset("fp8", until="verify")
+    assert set(statuses(second).values()) == {"hit"}
+    assert [o.key for o in first.outcomes] == [o.key for o in second.outcomes]
+
+
+def test_calibration_change_reruns_calibrate_and_after_only(run_preset, real_store):
+    run_preset("fp8")
+    changed = load_recipe("fp8", [*TINY, "calibration.seed=7"])
+    steps = {s.stage.name: s for s in runner.plan(changed, real_store, until="export")}
+    assert steps["load"].hit and not steps["calibrate"].hit
+    assert steps["calibrate"].reasons == ["calibration.seed: 0 -> 7"]
+    assert statuses(runner.run(changed, real_store, until="export")) == {
+        "load": "hit", "calibrate": "built", "quantize": "built", "export": "built"}
+
+
+def test_tensor_parallel_export_reuses_the_calibration(run_preset):
+    run_preset("fp8")
+    # SmolLM2 has 9 query and 3 KV heads: tp=3 is the sharding it allows (tp=2 is refused, see test_bad_input).
+    result = run_preset("fp8", "export.tp=3")
+    assert statuses(result) == {"load": "hit", "calibrate": "hit", "quantize": "hit", "export": "built"}
+    export = result.outcomes[-1].artifact / "trtllm"
+    ranks = sorted(p.name for p in export.glob("rank*.safetensors"))
+    assert ranks == ["rank0.safetensors", "rank1.safetensors", "rank2.safetensors"]
+    shard = load_file(export / "rank1.safetensors")
+    assert shard["transformer.layers.0.attention.qkv.weight"].shape == (320, 576)  # 960 rows / 3
+
+
+def test_verify_reports_real_numbers_and_is_a_cache_hit(run_preset):
+    result = run_preset("fp8", until="verify")
+    verify = result.outcomes[-1].artifact
+    report = verify.metadata
+    assert report["passed"] and 1.0 < report["ppl_ratio"] < report["thresholds"]["ppl_ratio_max"]
+    assert report["parity"]["hf"] > 0.99 and report["parity"]["trtllm"] > 0.99
+    assert {"report.json", "report.md", "plot.png"} <= {p.name for p in verify.path.iterdir()}
+    assert "PASSED" in (verify / "report.md").read_text()
+    assert statuses(run_preset("fp8", until="verify"))["verify"] == "hit"
+
+
+def _linked_copy(src: ArtifactStore, dst_root):
+    """A private store sharing the session store's files by hard links (cheap; safe as long as files are replaced,
+    never edited in place)."""
+    for path in src.root.rglob("*"):
+        target = dst_root / path.relative_to(src.root)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    return ArtifactStore(dst_root)
+
+
+def test_a_corrupted_scale_fails_verification_with_exit_5_naming_the_tensor(run_preset, real_store, tmp_path):
+    run_preset("fp8", until="verify")
+    store = _linked_copy(real_store, tmp_path / "store")
+    export = next(a for a in store.artifacts() if a.stage == "export" and (a / "hf").is_dir()
+                  and a.metadata.get("tp") == 1)
+    # An exporter bug: a self-consistent artifact (manifest hashes updated) holding one wrong scale.
+    checkpoint = export / "hf" / "model.safetensors"
+    tensors = load_file(checkpoint)
+    tensors["model.layers.3.mlp.down_proj.weight_scale"] *= 8
+    checkpoint.unlink()
+    save_file(tensors, checkpoint, metadata={"format": "pt"})
+    manifest = export.manifest
+    manifest["files"] = ArtifactStore._inventory(export.path)
+    manifest["files"].pop(MANIFEST, None)
+    write_json_atomic(export / MANIFEST, manifest)
+
+    overrides = [arg for item in TINY for arg in ("--set", item)]
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", "fp8", *overrides, "--force", "verify",
+                             "--cache-dir", str(store.root)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 5, result.stderr
+    assert "model.layers.3.mlp.down_proj" in result.stderr
+    assert "model.layers.3.mlp.down_proj.weight_scale" in result.stderr
+    assert "hf:" in result.stderr and "trtllm: model.layers.3" not in result.stderr
+
+
+def test_threshold_miss_exits_5_with_the_numbers(run_preset, real_store):
+    overrides = [arg for item in [*TINY, "verify.ppl_ratio_max=1.00001"] for arg in ("--set", item)]
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", "fp8", *overrides,
+                             "--cache-dir", str(real_store.root)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 5, result.stderr
+    assert "perplexity ratio" in result.stderr and "> 1.00001" in result.stderr
+    assert "verify" in result.stdout and "FAILED" in result.stdout
