@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pipeline.fmt import human_bytes
+from pipeline.recipe import Recipe
+from pipeline.store import Artifact
 
 
 def render(facts: dict) -> str:
@@ -33,9 +35,23 @@ def render(facts: dict) -> str:
                   f"(threshold {quality['ppl_ratio_max']})",
                   f"- greedy generation token agreement: {quality['agreement']:.1%} "
                   f"(threshold {quality['agreement_min']:.0%})",
-                  "- full report: [report.md](report.md)"]
+                  "- full report: [report.md](../report.md)"]
     else:
         lines.append("Not verified yet: run `quantpipe run` through the verify stage.")
     lines += ["", "Note: this checkpoint uses ModelOpt's quantization layout; plain transformers does not dequantize "
               "it. Load it with TensorRT-LLM, vLLM or SGLang, or build an engine with quantpipe.", ""]
     return "\n".join(lines)
+
+
+def facts(recipe: Recipe, artifacts: dict[str, Artifact]) -> dict:
+    model, calibration = artifacts["load"].metadata, artifacts["calibrate"].metadata
+    return {"model": model["name"], "parameters": model["parameters"], "architecture": model["architecture"],
+            "format": calibration["format"], "algorithm": calibration["algorithm"],
+            "kv_cache": calibration["kv_cache"], "block_size": calibration["block_size"],
+            "calibration_tokens": calibration["tokens"], "calibration_dataset": recipe.calibration.dataset,
+            "calibration_seed": recipe.calibration.seed, "decisions": calibration["decisions"],
+            "fp16_bytes": model["parameters"] * 2, "target": recipe.target.gpu}
+
+
+def sharding(recipe: Recipe, fmt: str) -> dict:
+    return {"tp": recipe.export.tp, "pp": recipe.export.pp} if fmt == "trtllm" else {"tp": 1, "pp": 1}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -53,6 +54,10 @@ def _emit(as_json: bool, data: object, render: Callable[[], None]) -> None:
         render()
 
 
+def default_engines_dir() -> Path:
+    return Path(os.environ.get("QUANTPIPE_ENGINES") or "engines")
+
+
 def _fail(exc: QuantpipeError) -> None:
     err.print(f"[bold red]quantpipe: error:[/] {exc}", markup=True, highlight=False)
     sys.exit(exc.exit_code)
@@ -94,7 +99,19 @@ force_option = click.option("--force", multiple=True, type=click.Choice([*NAMES]
                             help="Rebuild this stage and everything after it (repeatable).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Usage errors (an unknown option or stage name) as one line with exit code 2, like every other bad input."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            _fail(BadInput(f"{exc.format_message()} (see quantpipe {exc.ctx.info_name if exc.ctx else ''} --help)"))
+        except click.exceptions.Abort:
+            sys.exit(130)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="quantpipe")
 def main() -> None:
     """quantpipe: Hugging Face LLM -> calibrated, quantized, exported, built and verified TensorRT artifacts.
@@ -146,23 +163,29 @@ def _summary_table(outcomes: list[runner.Outcome], seconds: float) -> Table:
 @until_option
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@click.option("--engines-dir", type=click.Path(path_type=Path), default=None,
+              help="Where complete, verified runs are published (default: $QUANTPIPE_ENGINES or ./engines).")
 @common
 def run(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tuple[str, ...], until: str | None,
-        force: tuple[str, ...], quiet: bool) -> None:
+        force: tuple[str, ...], quiet: bool, engines_dir: Path | None) -> None:
     """Run the pipeline; stages whose artifact is cached are skipped."""
     parsed = load_recipe(recipe, list(overrides))
     started = time.time()
     reporter = ConsoleReporter(enabled=err.is_terminal and not as_json and not quiet)
     with reporter.progress:
-        result = runner.run(parsed, store, until=until, force=force, reporter=reporter)
+        result = runner.run(parsed, store, until=until, force=force, reporter=reporter,
+                            engines_dir=engines_dir or default_engines_dir())
     seconds = time.time() - started
     summary = {"ok": result.failure is None, "recipe": parsed.name, "seconds": round(seconds, 3),
-               "cache": str(store.root), "stages": [o.to_json() for o in result.outcomes]}
+               "cache": str(store.root), "published": str(result.published) if result.published else None,
+               "stages": [o.to_json() for o in result.outcomes]}
     if as_json:
         failure = {"error": result.failure, "exit_code": VerificationFailed.exit_code} if result.failure else {}
         out.print_json(json.dumps({**summary, **failure}, default=str))
     elif not quiet or result.failure:
         out.print(_summary_table(result.outcomes, seconds))
+        if result.published:
+            out.print(f"published {result.published}")
     if result.failure:
         _fail(VerificationFailed(result.failure))
 
@@ -246,8 +269,8 @@ def ls_command(store: ArtifactStore, as_json: bool, stage: str | None) -> None:
 @main.command(name="gc")
 @click.option("--older-than", help="Remove artifacts unused for this long (e.g. 7d, 12h).")
 @click.option("--max-size", help="Then remove least recently used artifacts until the store fits (e.g. 20G).")
-@click.option("--engines-dir", type=click.Path(path_type=Path), default=Path("engines"),
-              help="Published artifacts here are always kept.")
+@click.option("--engines-dir", type=click.Path(path_type=Path), default=None,
+              help="Published artifacts here are always kept (default: $QUANTPIPE_ENGINES or ./engines).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @common
 def gc_command(store: ArtifactStore, as_json: bool, older_than: str | None, max_size: str | None,
@@ -257,7 +280,7 @@ def gc_command(store: ArtifactStore, as_json: bool, older_than: str | None, max_
         raise BadInput("gc needs --older-than (e.g. 7d) or --max-size (e.g. 20G)")
     removed = gc(store, older_than_s=_parse_age(older_than) if older_than else None,
                  max_bytes=_parse_size(max_size) if max_size else None,
-                 keep=published_keys(engines_dir), dry_run=dry_run)
+                 keep=published_keys(engines_dir or default_engines_dir()), dry_run=dry_run)
     rows = [{"stage": a.stage, "key": a.key, "bytes": a.size} for a in removed]
     verb = "would remove" if dry_run else "removed"
     _emit(as_json, {"dry_run": dry_run, "removed": rows},

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline import host, targets
 from pipeline.errors import BadInput, VerificationFailed
+from pipeline.publish import publish
 from pipeline.recipe import Recipe
 from pipeline.stages import STAGES, Stage, StageContext
 from pipeline.store import Artifact, ArtifactStore, write_json_atomic
@@ -57,6 +58,7 @@ class Outcome:
 class RunResult:
     outcomes: list[Outcome]
     failure: str | None = None  # a stage made its artifact but the run must fail (verify below threshold)
+    published: Path | None = None
 
     def raise_failure(self) -> None:
         if self.failure:
@@ -116,14 +118,17 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
 
 
 def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),
-        reporter: Reporter | None = None, stages: tuple[Stage, ...] = STAGES) -> RunResult:
-    """Run the chain: hits are skipped, misses built under a per-key lock. Writes a run record."""
+        reporter: Reporter | None = None, stages: tuple[Stage, ...] = STAGES,
+        engines_dir: Path | None = None) -> RunResult:
+    """Run the chain: hits are skipped, misses built under a per-key lock. Writes a run record. A complete,
+    passing run is published under `engines_dir` when one is given."""
     reporter = reporter or Reporter()
     steps = plan(recipe, store, until=until, force=force, stages=stages)
     store.ensure_writable()
+    model = next((s.artifact.metadata for s in steps if s.stage.name == "load" and s.artifact), {})
     for step in steps:
         if not step.hit:
-            step.stage.preflight(recipe)
+            step.stage.preflight(recipe, model)
     started = time.time()
     outcomes: list[Outcome] = []
     artifacts: dict[str, Artifact] = {}
@@ -139,8 +144,11 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
         failure = step.stage.failure(artifact.metadata)
         if failure:
             break
+    published = None
+    if engines_dir is not None and until is None and failure is None:
+        published = publish(Path(engines_dir), recipe, artifacts)
     _write_run_record(store, recipe, steps, outcomes, started, failure)
-    return RunResult(outcomes, failure)
+    return RunResult(outcomes, failure, published)
 
 
 def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str, Artifact],
@@ -150,14 +158,16 @@ def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str
         if not step.forced and (shared := store.get(name, step.key)) is not None:
             return shared, "shared"
         inputs = {}
-        for upstream in step.stage.inputs:
+        for upstream in step.record["inputs"]:
             artifact = store.get(upstream, artifacts[upstream].key)
             if artifact is None:
                 raise BadInput(f"input {upstream} of {name} was damaged or removed during the run; run again")
             inputs[upstream] = artifact
 
         def build(out: Path) -> dict:
-            ctx = StageContext(recipe, step.record["params"], inputs, out, reporter.track)
+            tool_cache = store.root / "tools" / name
+            tool_cache.mkdir(parents=True, exist_ok=True)
+            ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track)
             return step.stage.run(ctx)
 
         return store.write(name, step.key, build, step.record), "built"

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+NOT_STAGES = ("runs", "tools")  # run records and builder caches live beside the stage directories
 _CHUNK = 1 << 20
 
 
@@ -184,7 +185,7 @@ class ArtifactStore:
         if not self.root.is_dir():
             return
         for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if stage_dir.name == "runs":
+            if stage_dir.name in NOT_STAGES:
                 continue
             for path in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 try:

@@ -30,6 +30,7 @@ class StageContext:
     params: dict
     inputs: dict[str, Artifact]
     out: Path
+    tool_cache: Path  # persists across builds (e.g. TensorRT timing caches): speed only, never an input's identity
     track: Callable[..., Iterable] = field(default=_no_progress)
 
     def input(self, stage: str) -> Artifact:
@@ -57,9 +58,10 @@ class Stage:
         """Host facts this stage's output depends on: library versions, by default."""
         return host.versions(self.libraries)
 
-    def preflight(self, recipe: Recipe) -> None:
+    def preflight(self, recipe: Recipe, model: dict) -> None:
         """Cheap checks before any stage runs: BadInput for inputs that cannot work, HostLacks for a missing GPU
-        or library. A failure three hours in should have been caught here."""
+        or library. `model` holds the load artifact's facts when it is already cached ({} otherwise), so
+        model-dependent checks run here too. A failure three hours in should have been caught here."""
 
     def summary(self, metadata: dict) -> str:
         """One short phrase about an artifact for the run's summary table."""

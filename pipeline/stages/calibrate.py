@@ -18,6 +18,12 @@ from pipeline.store import ArtifactStore
 log = logging.getLogger(__name__)
 
 
+def check_seq_len(seq_len: int, model: dict) -> None:
+    limit = model.get("max_position_embeddings")
+    if limit and seq_len > limit:
+        raise BadInput(f"calibration.seq_len {seq_len} exceeds the model's {limit} positions; lower it")
+
+
 class Calibrate(Stage):
     name = "calibrate"
     version = "1"
@@ -29,8 +35,11 @@ class Calibrate(Stage):
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.calibration.dataset, store)}
 
-    def preflight(self, recipe: Recipe) -> None:
-        data.resolve(recipe.calibration.dataset)
+    def preflight(self, recipe: Recipe, model: dict) -> None:
+        calib = recipe.calibration
+        if data.resolve(calib.dataset).kind == "file":
+            data.load_documents(calib.dataset)  # empty or unreadable files fail here, before any work
+        check_seq_len(calib.seq_len, model)
 
     def summary(self, metadata: dict) -> str:
         return (f"{metadata['algorithm']} on {metadata['tokens']} tokens; state {human_bytes(metadata['state_bytes'])}"
@@ -45,9 +54,7 @@ class Calibrate(Stage):
         spec, calib = ctx.recipe.quantization, ctx.recipe.calibration
         loaded = ctx.input("load")
         model, tokenizer = load_model(loaded / "model")
-        limit = loaded.metadata.get("max_position_embeddings")
-        if limit and calib.seq_len > limit:
-            raise BadInput(f"calibration.seq_len {calib.seq_len} exceeds the model's {limit} positions; lower it")
+        check_seq_len(calib.seq_len, loaded.metadata)
         windows = data.token_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
         plan = plan_quantization(spec, model)
         batches = list(torch.split(windows, calib.batch_size))

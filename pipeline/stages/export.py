@@ -28,9 +28,11 @@ class Export(Stage):
     libraries = ("torch", "transformers", "nvidia-modelopt")
     code_modules = ("pipeline.quant", "pipeline.card")
 
-    def preflight(self, recipe: Recipe) -> None:
+    def preflight(self, recipe: Recipe, model: dict) -> None:
         if recipe.export.pp > 1 and "trtllm" not in recipe.export.formats:
             raise BadInput("export.pp applies to the trtllm format only; add trtllm to export.formats or set pp: 1")
+        if model:
+            _check_parallelism(model, recipe.export.tp, recipe.export.pp)
 
     def summary(self, metadata: dict) -> str:
         return "; ".join(f"{f} {human_bytes(m['bytes'])} ({m['bytes'] / metadata['fp16_bytes']:.2f}x of fp16)"
@@ -52,22 +54,12 @@ class Export(Stage):
                     shutil.copy2(loaded / "model" / name, target / name)
             written[fmt] = {"bytes": _weights_bytes(target), "files": sorted(p.name for p in target.iterdir()),
                             "quant_algo": _quant_algo(target)}
-        facts = card_facts(ctx.recipe, loaded.metadata, calibrated.metadata)
+        facts = card.facts(ctx.recipe, {"load": loaded, "calibrate": calibrated})
         for fmt, info in written.items():
-            sharding = {"tp": spec.tp, "pp": spec.pp} if fmt == "trtllm" else {"tp": 1, "pp": 1}
-            (ctx.out / fmt / "README.md").write_text(card.render({**facts, **sharding, "bytes": info["bytes"],
+            (ctx.out / fmt / "README.md").write_text(card.render({**facts, **card.sharding(ctx.recipe, fmt),
+                                                                  "bytes": info["bytes"],
                                                                   "artifact": f"{fmt} checkpoint"}))
         return {"formats": written, "fp16_bytes": loaded.metadata["parameters"] * 2, "tp": spec.tp, "pp": spec.pp}
-
-
-def card_facts(recipe: Recipe, model: dict, calibration: dict) -> dict:
-    return {"model": model["name"], "parameters": model["parameters"], "architecture": model["architecture"],
-            "format": calibration["format"], "algorithm": calibration["algorithm"],
-            "kv_cache": calibration["kv_cache"], "block_size": calibration["block_size"],
-            "calibration_tokens": calibration["tokens"], "calibration_dataset": recipe.calibration.dataset,
-            "calibration_seed": recipe.calibration.seed, "decisions": calibration["decisions"],
-            "fp16_bytes": model["parameters"] * 2,
-            "target": recipe.target.gpu}
 
 
 def _check_parallelism(model: dict, tp: int, pp: int) -> None:

@@ -35,7 +35,7 @@ def thresholds(recipe: Recipe) -> dict:
 class Verify(Stage):
     name = "verify"
     version = "1"
-    inputs = ("load", "calibrate", "export")
+    inputs = ("load", "calibrate", "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors")
     code_modules = ("pipeline.evaluate", "pipeline.dequant", "pipeline.quant", "pipeline.report")
@@ -44,7 +44,7 @@ class Verify(Stage):
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.verify.dataset, store),
                 "thresholds": thresholds(recipe)}
 
-    def preflight(self, recipe: Recipe) -> None:
+    def preflight(self, recipe: Recipe, model: dict) -> None:
         shared = data.shared_paragraphs(recipe.calibration.dataset, recipe.verify.dataset)
         if shared:
             raise BadInput(f"verify.dataset shares {shared} paragraphs with calibration.dataset; evaluate on "

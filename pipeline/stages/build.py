@@ -1,0 +1,37 @@
+"""build: an engine or deployable from the exported artifacts, by the backend the recipe names. Keyed on the target
+architecture and the backend's versions too, because an engine runs only where it was built for."""
+
+from __future__ import annotations
+
+from pipeline import host
+from pipeline.backends import registry
+from pipeline.errors import HostLacks
+from pipeline.fmt import human_bytes
+from pipeline.recipe import Recipe
+from pipeline.stages.base import Stage, StageContext
+
+
+class Build(Stage):
+    name = "build"
+    version = "1"
+    inputs = ("load", "calibrate", "export")
+    fields = ("build", "target")
+
+    def applies(self, recipe: Recipe) -> bool:
+        return recipe.build.backend != "none"
+
+    def environment(self, recipe: Recipe) -> dict:
+        backend = registry()[recipe.build.backend]
+        return {**host.versions(backend.libraries), **backend.environment(recipe)}
+
+    def preflight(self, recipe: Recipe, model: dict) -> None:
+        problem = registry()[recipe.build.backend].missing(recipe)
+        if problem:
+            raise HostLacks(problem)
+
+    def summary(self, metadata: dict) -> str:
+        size = f", {human_bytes(metadata['engine_bytes'])}" if "engine_bytes" in metadata else ""
+        return f"{metadata['backend']}{size}"
+
+    def run(self, ctx: StageContext) -> dict:
+        return registry()[ctx.recipe.build.backend].build(ctx, ctx.tool_cache)
