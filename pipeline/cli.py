@@ -73,9 +73,11 @@ def common(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(cache_dir: Path | None, as_json: bool, verbose: int, **kwargs):
         level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-        # Our warnings always show; other libraries' only at -vv (quiet on success).
-        logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.ERROR, format="%(message)s",
-                            handlers=[RichHandler(console=err, show_path=False)], force=True)
+        # Our warnings always show; other libraries' only at -vv (quiet on success). One line per record in logs.
+        handler = (RichHandler(console=err, show_path=False) if err.is_terminal
+                   else logging.StreamHandler(sys.stderr))
+        handler.setFormatter(logging.Formatter("%(message)s" if err.is_terminal else "quantpipe: %(levelname)s: %(message)s"))
+        logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.ERROR, handlers=[handler], force=True)
         logging.getLogger("pipeline").setLevel(level)
         store = ArtifactStore(cache_dir or ArtifactStore.default_root())
         try:

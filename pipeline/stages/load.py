@@ -84,10 +84,7 @@ class Load(Stage):
     @staticmethod
     def _fingerprint(source: ModelSource, recipe: Recipe, store: ArtifactStore) -> str:
         if source.kind == "hub":
-            revision = recipe.model.revision or "main"
-            if not COMMIT.match(revision):
-                log.warning("model.revision '%s' is not a commit sha: the cache cannot see upstream changes", revision)
-            return f"hub:{source.location}@{revision}"
+            return f"hub:{source.location}@{recipe.model.revision or 'main'}"
         folder = Path(source.location)
         files = [folder / source.gguf_file] if source.kind == "gguf" else [
             *_matching(folder, SAFE_WEIGHTS + PICKLE_WEIGHTS), folder / "config.json"
@@ -104,6 +101,9 @@ class Load(Stage):
         revision = None
         if source.kind == "hub":
             folder, revision = self._download(source, spec.revision)
+            if not COMMIT.match(spec.revision or ""):
+                log.warning("model.revision %s resolved to commit %s: pin it, or the cache cannot see upstream "
+                            "changes", spec.revision or "main", revision)
             source = ModelSource("dir", str(folder), source.gguf_file, source.name)
         if source.kind == "gguf":
             self._import_gguf(Path(source.location), source.gguf_file, out, spec.dtype)
