@@ -1,0 +1,150 @@
+"""quantpipe against bare ModelOpt, side by side in one run; writes bench/RESULTS.md and bench/results.json.
+
+    python bench/run.py [--samples 16] [--seq-len 256] [--formats fp8,int8-sq,...] [--skip-quality]
+
+Absolute times on shared machines are noisy: the ratios, measured in the same run, are what count.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+from pipeline.fmt import human_bytes  # noqa: E402
+
+STAGES = ["load", "calibrate", "quantize", "export"]
+FORMATS = {"fp8": "fp8", "int8-sq": "int8_sq", "int4-awq": "int4_awq", "w4a8-awq": "w4a8_awq", "nvfp4": "nvfp4"}
+
+
+def timed(command: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS of the child in bytes, stdout. Each command runs in its own process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - started
+    if proc.returncode not in (0, 5):
+        raise RuntimeError(f"{' '.join(command)} failed: {proc.stderr[-2000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, max(peak, before) * 1024 if peak > before else 0, proc.stdout
+
+
+def quantpipe(*args: str, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args, "--cache-dir", str(cache), "--engines-dir",
+            str(cache / "engines")]
+
+
+def peak_rss(command: list[str]) -> int:
+    """Peak RSS of one child, via /usr/bin/time when present (getrusage keeps the max over all children)."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True)
+    return int(proc.stderr.strip().splitlines()[-1]) * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--skip-quality", action="store_true")
+    options = parser.parse_args()
+    calib = ["--set", f"calibration.samples={options.samples}", "--set", f"calibration.seq_len={options.seq_len}"]
+    results: dict = {"machine": f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                     "calibration": f"{options.samples} x {options.seq_len} tokens"}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        # Overhead: the cold pipeline and the bare script, same model, recipe and data.
+        cold, _, _ = timed(quantpipe("run", "fp8", *calib, "--until", "export", "-q", cache=root / "a"))
+        bare, _, bare_out = timed([sys.executable, str(BENCH / "bare_modelopt.py"), "fp8", str(root / "bare"),
+                                   str(options.samples), str(options.seq_len)])
+        results["overhead"] = {"quantpipe_s": round(cold, 1), "bare_modelopt_s": round(bare, 1),
+                               "ratio": round(cold / bare, 3), "goal": "<= 1.10"}
+        # No-op: everything cached.
+        noop, _, out = timed(quantpipe("run", "fp8", *calib, "--until", "export", "--json", cache=root / "a"))
+        plan, _, _ = timed(quantpipe("plan", "fp8", *calib, cache=root / "a"))
+        results["noop"] = {"wall_s": round(noop, 2), "pipeline_s": json.loads(out)["seconds"],
+                           "fraction_of_cold": round(noop / cold, 4), "plan_s": round(plan, 2),
+                           "goal": "< 1 s and < 1% of cold"}
+        # Reuse: another export format, then another target, after the first run.
+        first, _, _ = timed(quantpipe("run", "fp8", *calib, "--set", "export.formats=[trtllm]", "--until", "export",
+                                      "-q", cache=root / "b"))
+        second_format, _, _ = timed(quantpipe("run", "fp8", *calib, "--set", "export.formats=[trtllm,hf]",
+                                              "--until", "export", "-q", cache=root / "b"))
+        second_target, _, _ = timed(quantpipe("run", "fp8", *calib, "--set", "export.formats=[trtllm,hf]",
+                                              "--set", "target=hopper", "--until", "export", "-q", cache=root / "b"))
+        results["reuse"] = {"first_s": round(first, 1), "second_format_s": round(second_format, 1),
+                            "second_format_fraction": round(second_format / first, 3),
+                            "second_target_s": round(second_target, 1),
+                            "second_target_fraction": round(second_target / first, 3), "goal": "<= 0.15"}
+        # Memory: each stage alone in its own process, against the fp32 weights.
+        fp32 = 134.5e6 * 4
+        memory = {}
+        for stage in STAGES:
+            rss = peak_rss(quantpipe("run", "fp8", *calib, "--until", stage, "-q", cache=root / "c"))
+            memory[stage] = {"peak_rss": rss, "ratio_to_fp32": round(rss / fp32, 2)}
+        bare_rss = peak_rss([sys.executable, str(BENCH / "bare_modelopt.py"), "fp8", str(root / "bare2"),
+                             str(options.samples), str(options.seq_len)])
+        memory["bare_modelopt"] = {"peak_rss": bare_rss, "ratio_to_fp32": round(bare_rss / fp32, 2)}
+        results["memory"] = memory
+        if not options.skip_quality:
+            results["quality"] = quality(root, calib, options)
+    (BENCH / "results.json").write_text(json.dumps(results, indent=2))
+    (BENCH / "RESULTS.md").write_text(render(results))
+    print(render(results))
+
+
+def quality(root: Path, calib: list[str], options) -> dict:
+    rows = {}
+    for preset in options.formats.split(","):
+        _, _, out = timed(quantpipe("run", preset, *calib, "--json", cache=root / "q"))
+        verify = next(s for s in json.loads(out)["stages"] if s["stage"] == "verify")["metadata"]
+        _, _, bare_out = timed([sys.executable, str(BENCH / "bare_modelopt.py"), FORMATS[preset],
+                                str(root / f"bare-{preset}"), str(options.samples), str(options.seq_len)])
+        bare = json.loads(bare_out.strip().splitlines()[-1])
+        rows[preset] = {"ppl_ratio": verify["ppl_ratio"], "agreement": verify["agreement"],
+                        "passed": verify["passed"], "sizes": verify["sizes"], "fp16_bytes": verify["fp16_bytes"],
+                        "ppl_quantpipe": verify["ppl_quantized"], "ppl_original": verify["ppl_original"],
+                        "ppl_bare_default": bare.get("ppl"), "bare_errors": {k: v for k, v in bare.items()
+                                                                             if k.endswith("error")}}
+    return rows
+
+
+def render(r: dict) -> str:
+    o, n, u = r["overhead"], r["noop"], r["reuse"]
+    lines = ["# Benchmarks", "", f"Machine: {r['machine']}. Calibration: {r['calibration']}, FP8 unless noted.",
+             "Regenerate with `make bench`.", "", "| measure | value | goal |", "| --- | --- | --- |",
+             f"| cold pipeline / bare ModelOpt script | {o['quantpipe_s']} s / {o['bare_modelopt_s']} s = "
+             f"**{o['ratio']}** | {o['goal']} |",
+             f"| fully cached rerun | {n['wall_s']} s wall ({n['pipeline_s']} s pipeline work), "
+             f"**{n['fraction_of_cold']:.2%}** of cold | {n['goal']} |",
+             f"| `quantpipe plan` | {n['plan_s']} s | < 1 s |",
+             f"| second export format after the first run | {u['second_format_s']} s = "
+             f"**{u['second_format_fraction']:.0%}** of the first | {u['goal']} |",
+             f"| second target after the first run | {u['second_target_s']} s = "
+             f"**{u['second_target_fraction']:.0%}** of the first | {u['goal']} |", ""]
+    lines += ["## Peak memory per stage (each in its own process)", "", "| stage | peak RSS | / fp32 weights |",
+              "| --- | --- | --- |"]
+    lines += [f"| {k} | {human_bytes(v['peak_rss'])} | {v['ratio_to_fp32']} |" for k, v in r["memory"].items()]
+    if "quality" in r:
+        lines += ["", "## Quality against the unquantized model and against ModelOpt's default recipe", "",
+                  "| preset | ppl ratio | agreement | verify | ppl quantpipe | ppl bare ModelOpt default | size / fp16 "
+                  "| bare ModelOpt errors |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for preset, q in r["quality"].items():
+            size = max(q["sizes"].values()) / q["fp16_bytes"]
+            bare = f"{q['ppl_bare_default']:.3f}" if q["ppl_bare_default"] else "n/a"
+            errors = "; ".join(q["bare_errors"].values()) or ""
+            lines.append(f"| {preset} | {q['ppl_ratio']:.4f} | {q['agreement']:.1%} | "
+                         f"{'pass' if q['passed'] else 'FAIL'} | {q['ppl_quantpipe']:.3f} | {bare} | {size:.2f} | "
+                         f"{errors} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
