@@ -9,6 +9,7 @@ import contextlib
 import copy
 import fnmatch
 import io
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -178,17 +179,31 @@ def _fit_block_size(spec: QuantizationSpec, plan: QuantPlan, widths: dict[str, i
 
 STATE_FILE = "modelopt_state.pt"
 TENSORS_FILE = "calibration.safetensors"
+RESCALED_FILE = "rescaled.json"
+
+
+def _smoothed(weight, module):
+    """The weight AWQ/SmoothQuant leave behind: ModelOpt's apply_pre_quant_scale_and_smooth multiplies each input
+    column by 1 / pre_quant_scale (in fp32). Replaying it lets the state store the scale, not the weight."""
+    import torch
+
+    pqs = getattr(module.input_quantizer, "_pre_quant_scale", None) if hasattr(module, "input_quantizer") else None
+    if pqs is None:
+        return None
+    inverse = 1.0 / pqs.to(torch.float32)
+    return (weight * inverse.squeeze()[None, :]).to(weight.dtype)
 
 
 def save_calibration(model, original_weights, out) -> dict:
-    """Store what calibration added or changed: ModelOpt's mode state plus only the tensors that differ from the
-    original weights (quantizer amax, pre-quant scales, weights AWQ/SmoothQuant rescaled). No second weight copy."""
+    """Store what calibration added or changed: ModelOpt's mode state, the new tensors (amax, pre-quant scales),
+    and changed weights only where replaying the smoothing from the stored scales does not reproduce them bit for
+    bit. No second copy of the weights."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     _, mto = modelopt()
-    changed = {}
+    changed, rescaled = {}, []
     state = model.state_dict()
     with safe_open(original_weights, "pt") as original:
         known = set(original.keys())
@@ -196,13 +211,22 @@ def save_calibration(model, original_weights, out) -> dict:
         stored_storage = {state[n].data_ptr() for n in known if n in state}
         for name, tensor in state.items():
             if name in known:
-                if not torch.equal(tensor, original.get_tensor(name)):
-                    changed[name] = tensor.detach().clone().contiguous()
+                before = original.get_tensor(name)
+                if torch.equal(tensor, before):
+                    continue
+                module = model.get_submodule(name.rsplit(".", 1)[0])
+                replay = _smoothed(before, module) if name.endswith(".weight") else None
+                if replay is not None and torch.equal(replay, tensor):
+                    rescaled.append(name)
+                    continue
+                changed[name] = tensor.detach().clone().contiguous()
             elif tensor.data_ptr() not in stored_storage:
                 changed[name] = tensor.detach().clone().contiguous()
     save_file(changed, out / TENSORS_FILE)
+    (out / RESCALED_FILE).write_text(json.dumps(rescaled))
     torch.save(mto.modelopt_state(model), out / STATE_FILE)
-    return {"tensors": len(changed), "bytes": sum(t.numel() * t.element_size() for t in changed.values())}
+    return {"tensors": len(changed), "rescaled_weights": len(rescaled),
+            "bytes": sum(t.numel() * t.element_size() for t in changed.values())}
 
 
 def restore_calibration(model, folder) -> None:
@@ -217,6 +241,10 @@ def restore_calibration(model, folder) -> None:
     result = model.load_state_dict(load_file(folder / TENSORS_FILE), strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"calibration state does not fit this model: {result.unexpected_keys[:3]}")
+    with torch.no_grad():
+        for name in json.loads((folder / RESCALED_FILE).read_text()):
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            module.weight.copy_(_smoothed(module.weight, module))
 
 
 def layer_errors(model) -> list[dict]:

@@ -78,5 +78,6 @@ class Calibrate(Stage):
                 "block_size": plan.block_size, "decisions": plan.decisions,
                 "quantized_layers": len(plan.quantized_layers), "excluded_layers": len(plan.excluded_layers),
                 "tokens": int(windows.numel()), "calibration_seconds": round(seconds, 2),
-                "state_tensors": saved["tensors"], "state_bytes": saved["bytes"],
+                "state_tensors": saved["tensors"], "rescaled_weights": saved["rescaled_weights"],
+                "state_bytes": saved["bytes"],
                 "state_ratio": saved["bytes"] / model_bytes}
