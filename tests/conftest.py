@@ -21,6 +21,12 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_engines_dir(tmp_path_factory):
+    """Nothing a test runs may publish into the checkout's engines/."""
+    os.environ["QUANTPIPE_ENGINES"] = str(tmp_path_factory.mktemp("engines"))
+
+
 @pytest.fixture(scope="session")
 def real_store(tmp_path_factory) -> ArtifactStore:
     root = os.environ.get("QUANTPIPE_TEST_CACHE")

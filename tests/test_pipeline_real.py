@@ -77,8 +77,8 @@ def _linked_copy(src: ArtifactStore, dst_root):
 def test_a_corrupted_scale_fails_verification_with_exit_5_naming_the_tensor(run_preset, real_store, tmp_path):
     run_preset("fp8", until="verify")
     store = _linked_copy(real_store, tmp_path / "store")
-    export = next(a for a in store.artifacts() if a.stage == "export" and (a / "hf").is_dir()
-                  and a.metadata.get("tp") == 1)
+    steps = {s.stage.name: s for s in runner.plan(load_recipe("fp8", TINY), store)}
+    export = steps["export"].artifact
     # An exporter bug: a self-consistent artifact (manifest hashes updated) holding one wrong scale.
     checkpoint = export / "hf" / "model.safetensors"
     tensors = load_file(checkpoint)
@@ -92,17 +92,20 @@ def test_a_corrupted_scale_fails_verification_with_exit_5_naming_the_tensor(run_
 
     overrides = [arg for item in TINY for arg in ("--set", item)]
     result = subprocess.run([sys.executable, "-m", "pipeline", "run", "fp8", *overrides, "--force", "verify",
-                             "--cache-dir", str(store.root)], capture_output=True, text=True, timeout=900)
+                             "--cache-dir", str(store.root), "--engines-dir", str(tmp_path / "engines")],
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 5, result.stderr
     assert "model.layers.3.mlp.down_proj" in result.stderr
     assert "model.layers.3.mlp.down_proj.weight_scale" in result.stderr
     assert "hf:" in result.stderr and "trtllm: model.layers.3" not in result.stderr
 
 
-def test_threshold_miss_exits_5_with_the_numbers(run_preset, real_store):
+def test_threshold_miss_exits_5_with_the_numbers(run_preset, real_store, tmp_path):
     overrides = [arg for item in [*TINY, "verify.ppl_ratio_max=1.00001"] for arg in ("--set", item)]
     result = subprocess.run([sys.executable, "-m", "pipeline", "run", "fp8", *overrides,
-                             "--cache-dir", str(real_store.root)], capture_output=True, text=True, timeout=900)
+                             "--cache-dir", str(real_store.root), "--engines-dir", str(tmp_path / "engines")],
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 5, result.stderr
     assert "perplexity ratio" in result.stderr and "> 1.00001" in result.stderr
     assert "verify" in result.stdout and "FAILED" in result.stdout
+    assert not (tmp_path / "engines").exists(), "a failed verification publishes nothing"
