@@ -323,3 +323,40 @@ def targets_command(store: ArtifactStore, as_json: bool) -> None:
         out.print(f"presets: {', '.join(presets())}")
 
     _emit(as_json, {"targets": rows, "presets": presets()}, render)
+
+
+@main.command(name="report")
+@click.argument("runs", nargs=-1)
+@common
+def report_command(store: ArtifactStore, as_json: bool, runs: tuple[str, ...]) -> None:
+    """Verification results of several runs side by side. RUNS are recipe names or run record files
+    (default: the latest run of every recipe in the cache)."""
+    records = [p for r in runs for p in ([Path(r)] if Path(r).is_file() else [store.root / "runs" / f"latest-{r}.json"])]
+    records = records or sorted((store.root / "runs").glob("latest-*.json"))
+    rows = []
+    for path in records:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise BadInput(f"no run record {path}; run the recipe first or pass a runs/*.json file") from None
+        verify = next((o["metadata"] for o in record.get("outcomes", []) if o["stage"] == "verify"), None)
+        if verify is None:
+            continue
+        rows.append({"recipe": record["recipe"]["name"], "target": record["recipe"]["target"]["gpu"],
+                     "format": verify["format"], "passed": verify["passed"], "ppl_ratio": verify["ppl_ratio"],
+                     "agreement": verify["agreement"], "parity": verify["parity"],
+                     "size_vs_fp16": {f: round(b / verify["fp16_bytes"], 3) for f, b in verify["sizes"].items()},
+                     "started": record["started"]})
+
+    def render() -> None:
+        table = Table(title="verification reports", title_justify="left")
+        for column in ("recipe", "format", "target", "result", "ppl ratio", "agreement", "parity cos", "size/fp16"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(r["recipe"], r["format"], r["target"], "pass" if r["passed"] else "[red]FAIL[/]",
+                          f"{r['ppl_ratio']:.4f}", f"{r['agreement']:.1%}",
+                          " ".join(f"{k} {v:.4f}" for k, v in r["parity"].items()),
+                          " ".join(f"{k} {v:.2f}" for k, v in r["size_vs_fp16"].items()))
+        out.print(table)
+
+    _emit(as_json, rows, render)

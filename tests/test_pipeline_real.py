@@ -1,5 +1,6 @@
 """The whole chain on the real model: caching, partial invalidation, reuse across exports, verification."""
 
+import json
 import os
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_tensor_parallel_export_reuses_the_calibration(run_preset):
     assert shard["transformer.layers.0.attention.qkv.weight"].shape == (320, 576)  # 960 rows / 3
 
 
-def test_verify_reports_real_numbers_and_is_a_cache_hit(run_preset):
+def test_verify_reports_real_numbers_and_is_a_cache_hit(run_preset, real_store):
     result = run_preset("fp8", until="verify")
     verify = result.outcomes[-1].artifact
     report = verify.metadata
@@ -59,6 +60,9 @@ def test_verify_reports_real_numbers_and_is_a_cache_hit(run_preset):
     assert {"report.json", "report.md", "plot.png"} <= {p.name for p in verify.path.iterdir()}
     assert "PASSED" in (verify / "report.md").read_text()
     assert statuses(run_preset("fp8", until="verify"))["verify"] == "hit"
+    rows = json.loads(subprocess.run([sys.executable, "-m", "pipeline", "report", "fp8", "--json", "--cache-dir",
+                                      str(real_store.root)], capture_output=True, text=True, check=True).stdout)
+    assert rows[0]["format"] == "fp8" and rows[0]["ppl_ratio"] == report["ppl_ratio"]
 
 
 def _linked_copy(src: ArtifactStore, dst_root):
