@@ -264,12 +264,20 @@ def layer_errors(model) -> list[dict]:
 
 
 def export_unified(model, dtype, export_dir) -> None:
-    """ModelOpt's unified Hugging Face checkpoint: real quantized tensors, hf_quant_config.json."""
+    """ModelOpt's unified Hugging Face checkpoint: real quantized tensors, hf_quant_config.json. The exporter's
+    dtype leaves unquantized tensors (embeddings, norms) as they are, so the model is cast first. Exporters change
+    the model in place: callers pass a model they no longer need."""
     from modelopt.torch.export import export_hf_checkpoint
 
+    model.to(dtype)
     with library_prints(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
+
+
+def rope_theta(config) -> float | None:
+    """transformers 5 keeps the RoPE base in rope_parameters; older code (ModelOpt's exporters) reads rope_theta."""
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or getattr(config, "rope_theta", None)
 
 
 def export_trtllm(model, dtype, export_dir, tp: int, pp: int) -> None:
@@ -277,6 +285,8 @@ def export_trtllm(model, dtype, export_dir, tp: int, pp: int) -> None:
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from modelopt.torch.export.model_utils import get_model_type
 
+    # Without a top-level rope_theta the TensorRT-LLM config gets no rotary_base, and TensorRT-LLM would use 10000.
+    model.config.rope_theta = rope_theta(model.config)
     with library_prints(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_tensorrt_llm_checkpoint(model, decoder_type=get_model_type(model), dtype=dtype, export_dir=export_dir,

@@ -29,8 +29,11 @@ def markdown(r: dict) -> str:
         f"| greedy generation agreement | {r['agreement']:.1%} | >= {t['agreement_min']:.0%} |",
     ]
     for fmt, e in r["exports"].items():
-        lines.append(f"| {fmt} export logit cosine vs calibrated model | {e['parity']['cosine']:.5f} "
-                     f"(max abs {e['parity']['max_abs_error']}) | >= {t['parity_cosine_min']} |")
+        if e["parity"]:
+            lines.append(f"| {fmt} export logit cosine vs calibrated model | {e['parity']['cosine']:.5f} "
+                         f"(max abs {e['parity']['max_abs_error']}) | >= {t['parity_cosine_min']} |")
+        else:
+            lines.append(f"| {fmt} export shards | {len(e['shards'])} rank files, checked for completeness | |")
         lines.append(f"| {fmt} export size | {human_bytes(r['sizes'][fmt])} "
                      f"({r['sizes'][fmt] / r['fp16_bytes']:.2f}x of fp16) | |")
     lines += ["", f"Evaluated on {r['eval_tokens']} held-out tokens. Engine: {r['engine']}.", ""]

@@ -95,7 +95,7 @@ class Verify(Stage):
             failures += [f"{fmt}: {p}" for p in result["problems"]]
             failures += [f"{fmt}: {layer['layer']} dequantizes {layer['error']:.2f} away from the calibrated layer "
                          f"(tolerance {layer['tolerance']}): check {layer['tensors']}" for layer in result["bad_layers"]]
-            if result["parity"]["cosine"] < limits["parity_cosine_min"]:
+            if result["parity"] and result["parity"]["cosine"] < limits["parity_cosine_min"]:
                 failures.append(f"{fmt}: logit cosine {result['parity']['cosine']:.4f} < "
                                 f"{limits['parity_cosine_min']}")
         ratio = ppl_quantized / ppl_original
@@ -108,7 +108,7 @@ class Verify(Stage):
             "passed": not failures, "failures": failures, "thresholds": limits, "format": recipe.quantization.format,
             "eval_tokens": int(windows.numel()), "ppl_original": round(ppl_original, 4),
             "ppl_quantized": round(ppl_quantized, 4), "ppl_ratio": round(ratio, 4), "agreement": round(agree, 4),
-            "parity": {fmt: r["parity"]["cosine"] for fmt, r in exports.items()},
+            "parity": {fmt: r["parity"]["cosine"] for fmt, r in exports.items() if r["parity"]},
             "exports": {fmt: {k: v for k, v in r.items() if k != "layers"} for fmt, r in exports.items()},
             "generations": [{"prompt": p, "original": tokenizer.decode(a, skip_special_tokens=True),
                              "quantized": tokenizer.decode(b, skip_special_tokens=True)}
@@ -129,8 +129,19 @@ class Verify(Stage):
         from pipeline.modeling import load_model
 
         info = read_config(folder)
+        problems = _config_problems(info, quantized.config, recipe)
+        world = recipe.export.tp * recipe.export.pp if info["layout"] == "trtllm" else 1
+        if world > 1:
+            # Shards are checked for completeness; the tensors themselves through the unsharded HF export.
+            ranks = sorted(p.name for p in folder.glob("rank*.safetensors"))
+            if len(ranks) != world:
+                problems.append(f"{len(ranks)} rank files for tp x pp = {world}")
+            return {"quant_algo": info["quant_algo"], "kv_cache_quant_algo": info["kv_cache_quant_algo"],
+                    "group_size": info["group_size"], "problems": problems, "bad_layers": [], "layers": [],
+                    "parity": None, "shards": ranks}
         shapes = {n: tuple(m.weight.shape) for n, m in quantized.named_modules() if isinstance(m, torch.nn.Linear)}
-        weights, problems = effective_weights(folder, shapes)
+        weights, weight_problems = effective_weights(folder, shapes)
+        problems += weight_problems
         plain, _ = load_model(loaded / "model")
         state = plain.state_dict()
         plain.load_state_dict({k: v.to(state[k].dtype) for k, v in weights.items() if k in state}, strict=False)
@@ -141,6 +152,25 @@ class Verify(Stage):
                 "group_size": info["group_size"], "problems": problems, "bad_layers": bad[:5], "layers": layers,
                 "parity": evaluate.logit_parity(plain, quantized, windows[0]),
                 "ppl_dequantized": round(evaluate.perplexity(plain, windows[:1]), 4)}
+
+
+def _config_problems(info: dict, model_config, recipe: Recipe) -> list[str]:
+    """Config fields that must agree with the model and the recipe (the tensors are checked separately)."""
+    from pipeline.quant import rope_theta
+
+    problems = []
+    kv_expected = {"none": None, "fp8": "FP8", "nvfp4": "NVFP4"}[recipe.quantization.kv_cache]
+    if info["kv_cache_quant_algo"] != kv_expected:
+        problems.append(f"kv_cache_quant_algo {info['kv_cache_quant_algo']!r}, recipe asks {kv_expected!r}")
+    if info["layout"] == "trtllm":
+        rotary = info["config"].get("rotary_base")
+        if rope_theta(model_config) and rotary != rope_theta(model_config):
+            problems.append(f"rotary_base {rotary} in config.json, the model uses {rope_theta(model_config)}")
+        mapping = info["config"].get("mapping", {})
+        if (mapping.get("tp_size"), mapping.get("pp_size")) != (recipe.export.tp, recipe.export.pp):
+            problems.append(f"mapping tp {mapping.get('tp_size')} pp {mapping.get('pp_size')}, recipe asks "
+                            f"tp {recipe.export.tp} pp {recipe.export.pp}")
+    return problems
 
 
 def _layer_errors(quantized, folded: list[str], original, weights: dict, info: dict) -> list[dict]:
