@@ -63,6 +63,18 @@ def _fail(exc: QuantpipeError) -> None:
     sys.exit(exc.exit_code)
 
 
+def _configure_logging(verbose: int) -> None:
+    """Our warnings always show, other libraries' errors only (all of it at -vv): quiet on success. Off a
+    terminal every record is one line."""
+    ours = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    theirs = logging.DEBUG if verbose >= 2 else logging.ERROR
+    handler = RichHandler(console=err, show_path=False) if err.is_terminal else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if err.is_terminal
+                                           else "quantpipe: %(levelname)s: %(message)s"))
+    handler.addFilter(lambda r: r.levelno >= (ours if r.name.startswith("pipeline") else theirs))
+    logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
+
+
 def common(func: Callable) -> Callable:
     """Options every command takes, plus the error handling that gives stable exit codes."""
 
@@ -72,13 +84,7 @@ def common(func: Callable) -> Callable:
     @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
     @functools.wraps(func)
     def wrapper(cache_dir: Path | None, as_json: bool, verbose: int, **kwargs):
-        level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-        # Our warnings always show; other libraries' only at -vv (quiet on success). One line per record in logs.
-        handler = (RichHandler(console=err, show_path=False) if err.is_terminal
-                   else logging.StreamHandler(sys.stderr))
-        handler.setFormatter(logging.Formatter("%(message)s" if err.is_terminal else "quantpipe: %(levelname)s: %(message)s"))
-        logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.ERROR, handlers=[handler], force=True)
-        logging.getLogger("pipeline").setLevel(level)
+        _configure_logging(verbose)
         store = ArtifactStore(cache_dir or ArtifactStore.default_root())
         try:
             func(store=store, as_json=as_json, **kwargs)

@@ -120,7 +120,7 @@ class CalibrationSpec(Section):
 
 
 class ExportSpec(Section):
-    formats: tuple[Literal["trtllm", "hf"], ...] = ("trtllm", "hf")
+    formats: tuple[Literal["trtllm", "hf", "onnx"], ...] = ("trtllm", "hf")
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
     dtype: Literal["float16", "bfloat16"] = "float16"

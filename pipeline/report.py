@@ -29,7 +29,12 @@ def markdown(r: dict) -> str:
         f"| greedy generation agreement | {r['agreement']:.1%} | >= {t['agreement_min']:.0%} |",
     ]
     for fmt, e in r["exports"].items():
-        if e["parity"]:
+        if fmt == "onnx":
+            lines.append(f"| onnx in onnxruntime: top-1 agreement / cosine / ppl vs calibrated model | "
+                         f"{e['agreement']:.1%} / {e['cosine']:.4f} / {e['ppl']:.3f} | >= {t['agreement_min']:.0%} |")
+            lines.append(f"| onnx KV-cache decode steps matching a full recompute | {e['kv_cache_steps_match']:.0%} "
+                         f"| 100% |")
+        elif e["parity"]:
             lines.append(f"| {fmt} export logit cosine vs calibrated model | {e['parity']['cosine']:.5f} "
                          f"(max abs {e['parity']['max_abs_error']}) | >= {t['parity_cosine_min']} |")
         else:

@@ -11,6 +11,7 @@ from pipeline.stages.base import StageContext
 
 class Backend(Protocol):
     libraries: tuple[str, ...]
+    export_format: str  # the export it builds from
 
     def missing(self, recipe: Recipe) -> str | None:
         """What this host lacks to build for the recipe's target (None when it can)."""
@@ -23,6 +24,7 @@ class Backend(Protocol):
 
 
 def registry() -> dict[str, Backend]:
+    from pipeline.backends.tensorrt_rtx import TensorRTRTX
     from pipeline.backends.trtllm import TrtllmEngine, TrtllmPytorch
 
-    return {"trtllm": TrtllmEngine(), "trtllm-pytorch": TrtllmPytorch()}
+    return {"tensorrt-rtx": TensorRTRTX(), "trtllm": TrtllmEngine(), "trtllm-pytorch": TrtllmPytorch()}

@@ -60,14 +60,13 @@ class TrtllmEngine:
     """A TensorRT engine from the exported TensorRT-LLM checkpoint with trtllm-build (TensorRT-LLM <= 1.2)."""
 
     libraries = ()
+    export_format = "trtllm"
     missing = staticmethod(_missing)
     environment = staticmethod(_environment)
 
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
         spec, fmt = ctx.recipe.build, ctx.recipe.quantization.format
         checkpoint = ctx.input("export") / "trtllm"
-        if not checkpoint.is_dir():
-            raise HostLacks("build.backend trtllm needs the trtllm checkpoint: add trtllm to export.formats")
         builder = shutil.which("trtllm-build", path=str(Path(interpreter()).parent)) or shutil.which("trtllm-build")
         if builder is None:
             raise HostLacks(f"trtllm-build not found beside {interpreter()}: TensorRT-LLM >= 1.3 has no engine "
@@ -90,14 +89,13 @@ class TrtllmPytorch:
     """The PyTorch-backend deployable: the HF checkpoint plus LLM API options, loaded once to warm the autotuner."""
 
     libraries = ()
+    export_format = "hf"
     missing = staticmethod(_missing)
     environment = staticmethod(_environment)
 
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
         spec, q = ctx.recipe.build, ctx.recipe.quantization
         checkpoint = ctx.input("export") / "hf"
-        if not checkpoint.is_dir():
-            raise HostLacks("build.backend trtllm-pytorch needs the hf checkpoint: add hf to export.formats")
         shutil.copytree(checkpoint, ctx.out / "checkpoint")
         options = {"max_batch_size": spec.max_batch_size, "max_num_tokens": spec.max_num_tokens,
                    "max_seq_len": spec.max_seq_len, "kv_cache_config": {"dtype": KV_CACHE_DTYPE[q.kv_cache]}}

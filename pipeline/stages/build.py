@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pipeline import host
 from pipeline.backends import registry
-from pipeline.errors import HostLacks
+from pipeline.errors import BadInput, HostLacks
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
@@ -16,6 +16,7 @@ class Build(Stage):
     version = "1"
     inputs = ("load", "calibrate", "export")
     fields = ("build", "target")
+    code_modules = ("pipeline.backends.tensorrt_rtx", "pipeline.backends.trtllm")
 
     def applies(self, recipe: Recipe) -> bool:
         return recipe.build.backend != "none"
@@ -25,7 +26,11 @@ class Build(Stage):
         return {**host.versions(backend.libraries), **backend.environment(recipe)}
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
-        problem = registry()[recipe.build.backend].missing(recipe)
+        backend = registry()[recipe.build.backend]
+        if backend.export_format not in recipe.export.formats:
+            raise BadInput(f"build.backend {recipe.build.backend} builds from the {backend.export_format} export: "
+                           f"add {backend.export_format} to export.formats")
+        problem = backend.missing(recipe)
         if problem:
             raise HostLacks(problem)
 

@@ -16,6 +16,7 @@ from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.quantize import CHECKPOINT
 
+ONNX_FILE = "model.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
@@ -25,8 +26,8 @@ class Export(Stage):
     version = "1"
     inputs = ("load", "calibrate", "quantize")
     fields = ("export",)
-    libraries = ("torch", "transformers", "nvidia-modelopt")
-    code_modules = ("pipeline.quant", "pipeline.card")
+    libraries = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnx-graphsurgeon")
+    code_modules = ("pipeline.quant", "pipeline.card", "pipeline.onnx_export")
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
         if recipe.export.pp > 1 and "trtllm" not in recipe.export.formats:
@@ -45,15 +46,18 @@ class Export(Stage):
         written = {}
         for fmt in spec.formats:
             target = ctx.out / fmt
+            details = {}
             if fmt == "hf":
                 _link_tree(quantized / CHECKPOINT, target)
-            else:
+            elif fmt == "trtllm":
                 _export_trtllm(loaded.path / "model", calibrated.path, target, spec)
+            else:
+                details = _export_onnx(loaded.path / "model", calibrated.path, target)
             for name in TOKENIZER_FILES:
                 if (loaded / "model" / name).is_file() and not (target / name).exists():
                     shutil.copy2(loaded / "model" / name, target / name)
             written[fmt] = {"bytes": _weights_bytes(target), "files": sorted(p.name for p in target.iterdir()),
-                            "quant_algo": _quant_algo(target)}
+                            "quant_algo": _quant_algo(target), **details}
         facts = card.facts(ctx.recipe, {"load": loaded, "calibrate": calibrated})
         for fmt, info in written.items():
             (ctx.out / fmt / "README.md").write_text(card.render({**facts, **card.sharding(ctx.recipe, fmt),
@@ -83,6 +87,18 @@ def _export_trtllm(model_dir: Path, calibration: Path, target: Path, spec) -> No
     export_trtllm(model, getattr(torch, spec.dtype), target, spec.tp, spec.pp)
 
 
+def _export_onnx(model_dir: Path, calibration: Path, target: Path) -> dict:
+    from pipeline import onnx_export
+    from pipeline.modeling import load_model
+    from pipeline.quant import library_prints, restore_calibration
+
+    model, _ = load_model(model_dir)
+    restore_calibration(model, calibration)
+    target.mkdir(parents=True)
+    with library_prints():
+        return onnx_export.export(model, target / ONNX_FILE)
+
+
 def _link_tree(src: Path, dst: Path) -> None:
     """Hard-link the files of an upstream artifact (same content, no copy); copy across filesystems."""
     dst.mkdir(parents=True)
@@ -94,7 +110,8 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.onnx", "*.onnx.data")
+               for p in folder.glob(pattern))
 
 
 def _quant_algo(folder: Path) -> str | None:

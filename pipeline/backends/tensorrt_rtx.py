@@ -1,0 +1,103 @@
+"""TensorRT-RTX: engines for Ada (SM89) and Blackwell RTX (SM120/121) compiled ahead of time from the exported
+Q/DQ ONNX, on any host (no GPU needed to build; running one needs a GPU of its architecture)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from pathlib import Path
+
+from pipeline import host
+from pipeline.recipe import Recipe
+from pipeline.stages.base import StageContext
+
+ENGINE_FILE = "model.engine"
+ENGINE_MAGIC = b"vtrt"  # the first bytes of a serialized TensorRT-RTX engine
+CAPABILITIES = {80: "SM80", 86: "SM86", 89: "SM89", 120: "SM120", 121: "SM121"}
+
+_logger = None
+
+
+def _trt_logger():
+    """TensorRT keeps the first logger it is given for the whole process: make one and reuse it."""
+    global _logger
+    import tensorrt_rtx as trt
+
+    if _logger is None:
+        _logger = trt.Logger(trt.Logger.ERROR)
+    return _logger
+
+
+class TensorRTRTX:
+    libraries = ("tensorrt-rtx",)
+    export_format = "onnx"
+
+    def missing(self, recipe: Recipe) -> str | None:
+        if not host.has_module("tensorrt_rtx"):
+            return "build.backend tensorrt-rtx needs the tensorrt-rtx package: pip install 'quantpipe[rtx]'"
+        return None
+
+    def environment(self, recipe: Recipe) -> dict:
+        return {}  # builds ahead of time: the target's compute capability is in the key, not this host's GPU
+
+    def build(self, ctx: StageContext, tool_cache: Path) -> dict:
+        import tensorrt_rtx as trt
+
+        from pipeline.onnx_export import kv_shape
+        from pipeline.stages.export import ONNX_FILE
+
+        spec, sm = ctx.recipe.build, int(ctx.recipe.target.gpu.removeprefix("sm_"))
+        started = time.time()
+        builder = trt.Builder(_trt_logger())
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, _trt_logger())
+        if not parser.parse_from_file(str(ctx.input("export") / "onnx" / ONNX_FILE)):
+            errors = " | ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT-RTX could not parse the exported ONNX: {errors[:500]}")
+        layers = _quantize_layers(network)
+        config = builder.create_builder_config()
+        model = _model_config(ctx)
+        layers_n, _, kv_heads, _, head_dim = kv_shape(model, 1, 0)
+        profile = builder.create_optimization_profile()
+        batch, seq, past = (1, 1, spec.max_batch_size), (1, 1, spec.max_input_len), (0, 0, spec.max_seq_len - 1)
+        profile.set_shape("input_ids", *[(b, s) for b, s in zip(batch, seq)])
+        profile.set_shape("attention_mask", *[(b, p + s) for b, s, p in zip(batch, seq, past)])
+        for name in ("past_key", "past_value"):
+            profile.set_shape(name, *[(layers_n, b, kv_heads, p, head_dim) for b, p in zip(batch, past)])
+        config.add_optimization_profile(profile)
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(trt.ComputeCapability, CAPABILITIES[sm]), 0)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RuntimeError("TensorRT-RTX returned no engine; rerun with -vv for the builder log")
+        engine = bytes(memoryview(serialized))
+        (ctx.out / ENGINE_FILE).write_bytes(engine)
+        profile_info = {"batch": batch, "new_tokens": seq, "past_tokens": past}
+        (ctx.out / "engine.json").write_text(json.dumps({"compute_capability": CAPABILITIES[sm],
+                                                          "profile": profile_info, "inputs": ["input_ids",
+                                                          "attention_mask", "past_key", "past_value"]}, indent=2))
+        checks = ["ONNX parsed", "engine serialized", f"header magic {ENGINE_MAGIC!r}: {engine[:4] == ENGINE_MAGIC}"]
+        return {"backend": "tensorrt-rtx", "tensorrt_rtx": trt.__version__, "compute_capability": CAPABILITIES[sm],
+                "engine_bytes": len(engine), "build_seconds": round(time.time() - started, 2),
+                "profile": profile_info, "quantize_layers": layers, "checks": checks,
+                "not_checked": "running the engine needs an RTX-class GPU of its architecture"}
+
+
+def _quantize_layers(network) -> dict:
+    """The network's Q/DQ layers by type and data types: proof the low precision reached TensorRT."""
+    counts = collections.Counter()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        kind = str(layer.type).split(".")[-1]
+        if kind in ("QUANTIZE", "DEQUANTIZE"):
+            source = str(layer.get_input(0).dtype).split(".")[-1]
+            result = str(layer.get_output(0).dtype).split(".")[-1]
+            counts[f"{kind}:{source}->{result}"] += 1
+    return dict(counts)
+
+
+def _model_config(ctx: StageContext):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(ctx.input("load") / "model")

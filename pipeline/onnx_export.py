@@ -1,0 +1,233 @@
+"""A deployable decoder ONNX with Q/DQ nodes from a ModelOpt fake-quantized model, and an onnxruntime runner for it.
+
+The graph takes (input_ids [B,S], attention_mask [B,P+S], past_key/past_value [L,B,KVH,P,D]) and returns (logits,
+present_key, present_value), with dynamic batch, new-token and past lengths (P may be 0), so generation runs token
+by token. It is traced with the legacy exporter, where ModelOpt's quantizer functions emit Q/DQ nodes, then
+ModelOpt's ONNX post-processors turn them into standard ops with low-precision weight initializers.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+INPUTS = ["input_ids", "attention_mask", "past_key", "past_value"]
+OUTPUTS = ["logits", "present_key", "present_value"]
+DYNAMIC_AXES = {
+    "input_ids": {0: "batch", 1: "seq"},
+    "attention_mask": {0: "batch", 1: "total"},
+    "past_key": {1: "batch", 3: "past"},
+    "past_value": {1: "batch", 3: "past"},
+    "logits": {0: "batch", 1: "seq"},
+    "present_key": {1: "batch", 3: "total"},
+    "present_value": {1: "batch", 3: "total"},
+}
+PROTOBUF_LIMIT = 1_800_000_000  # weights go to external data above this (the hard limit is 2 GB)
+
+
+class Decoder(nn.Module):
+    """One decoder step with explicit KV cache tensors. Position ids and the 4D causal+padding mask are computed
+    here from attention_mask (left padding works), so transformers' own mask code is never traced."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, past_key, past_value):
+        from transformers import DynamicCache
+
+        new, total = input_ids.shape[1], attention_mask.shape[1]
+        position_ids = (torch.cumsum(attention_mask, dim=-1) - 1).clamp(min=0)[:, total - new:]
+        query = torch.arange(new, device=input_ids.device) + (total - new)
+        key = torch.arange(total, device=input_ids.device)
+        allowed = (key[None, :] <= query[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(self.model.config.num_hidden_layers):
+            cache.update(past_key[layer], past_value[layer], layer)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        layers = out.past_key_values.layers
+        return out.logits, torch.stack([c.keys for c in layers]), torch.stack([c.values for c in layers])
+
+
+def kv_shape(config, batch: int, past: int) -> tuple[int, ...]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (config.num_hidden_layers, batch, config.num_key_value_heads, past, head_dim)
+
+
+def _example(config):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (2, 3), generator=generator)
+    return (ids, torch.ones(2, 7, dtype=torch.int64), torch.randn(kv_shape(config, 2, 4), generator=generator),
+            torch.randn(kv_shape(config, 2, 4), generator=generator))
+
+
+def quantized_formats(model) -> list[str]:
+    from modelopt.torch._deploy.utils import torch_onnx
+
+    checks = {"int4": torch_onnx.is_int4_quantized, "fp8": torch_onnx.is_fp8_quantized,
+              "int8": torch_onnx.is_int8_quantized}
+    return [name for name, check in checks.items() if check(model)]
+
+
+def export(model, path: Path) -> dict:
+    """Trace `model` to `path` (plus path.data when large) and post-process its Q/DQ; returns a summary."""
+    import onnx
+    from modelopt.onnx.export import FP8QuantExporter, INT4QuantExporter
+    from modelopt.onnx.quantization.qdq_utils import replace_zero_scale_with_smallest_nonzero
+
+    raw = path.with_suffix(".raw.onnx")
+    with torch.inference_mode():
+        torch.onnx.export(Decoder(model).eval(), _example(model.config), str(raw), input_names=INPUTS,
+                          output_names=OUTPUTS, dynamic_axes=DYNAMIC_AXES, opset_version=19,
+                          do_constant_folding=True, dynamo=False)
+    formats = quantized_formats(model)
+    graph = onnx.load(str(raw), load_external_data=True)
+    if "int4" in formats:
+        from modelopt.onnx.utils import infer_shapes
+
+        # The exporter's last stage expects an fp16 graph (a Cast after each pre-quant scale): run the first three.
+        graph = INT4QuantExporter.compress_weights(INT4QuantExporter.compute_scales(
+            INT4QuantExporter.pre_process(infer_shapes(graph))))
+        for opset in graph.opset_import:  # block-wise DequantizeLinear (INT4 input, block_size) is opset 21
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = max(opset.version, 21)
+    if "fp8" in formats:
+        graph = FP8QuantExporter.process_model(graph)
+        _fp8_weights_as_torch(graph, model)
+    if "int8" in formats:
+        graph = _int8_weights(graph)  # ModelOpt 0.47's INT8 exporter leaves fp32 weights behind a Q/DQ pair
+    for node in graph.graph.node:  # the FP8 exporter renames TRT ops but keeps their custom domain
+        if node.domain == "trt" and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            node.domain = ""
+    stale = {n.output[0] for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    kept = [vi for vi in graph.graph.value_info if vi.name not in stale]  # types left by the custom ops
+    del graph.graph.value_info[:]
+    graph.graph.value_info.extend(kept)
+    graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
+    graph.ir_version = min(graph.ir_version, 10)
+    external = graph.ByteSize() > PROTOBUF_LIMIT
+    onnx.save_model(graph, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+    raw.unlink()
+    for leftover in path.parent.glob(f"{raw.name}*"):
+        leftover.unlink()
+    return {"quantized": formats, "external_data": external, "ops": qdq_histogram(path)}
+
+
+def _fp8_weights_as_torch(graph, model) -> None:
+    """Recompute FP8 weight initializers with torch's formula (w * 448/amax): the ONNX exporter divides by
+    amax/448, which rounds about 0.2% of bf16-born weights one FP8 step the other way. Bit-exact with the model."""
+    import onnx
+
+    modules = dict(model.named_modules())
+    initializers = {i.name: i for i in graph.graph.initializer}
+    for node in graph.graph.node:
+        init = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if init is None or init.data_type != onnx.TensorProto.FLOAT8E4M3FN or "/weight_quantizer" not in node.name:
+            continue
+        name = node.name.split("/weight_quantizer")[0].strip("/").replace("/", ".").removeprefix("model.")
+        module = modules.get(name)
+        if module is None:
+            continue
+        with torch.no_grad():
+            amax = module.weight_quantizer._get_amax(module.weight).to(torch.float32)
+            fp8 = (module.weight.float() * (448.0 / amax)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        current = np.frombuffer(init.raw_data, dtype=np.uint8).reshape(list(init.dims))
+        candidate = fp8.view(torch.uint8).numpy()
+        if list(candidate.shape) != list(init.dims) or (
+                candidate.shape[0] == candidate.shape[1] and (candidate != current).sum() > (candidate.T != current).sum()):
+            candidate = candidate.T
+        init.raw_data = np.ascontiguousarray(candidate).tobytes()
+
+
+def _int8_weights(graph):
+    """Fold each weight QuantizeLinear into an int8 initializer (and a following Transpose into its axis)."""
+    import onnx_graphsurgeon as gs
+
+    g = gs.import_onnx(graph)
+    g.fold_constants().cleanup().toposort()
+    for node in list(g.nodes):
+        if node.op != "QuantizeLinear" or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        scale = node.inputs[1]
+        zero = node.inputs[2] if len(node.inputs) > 2 else None
+        if not isinstance(scale, gs.Constant) or (zero is not None and zero.values.dtype != np.int8):
+            continue
+        weight = node.inputs[0].values.astype(np.float32)
+        axis = node.attrs.get("axis", 1)
+        shape = [1] * weight.ndim
+        if scale.values.size > 1:
+            shape[axis] = scale.values.size
+        s = scale.values.astype(np.float32).reshape(shape if scale.values.size > 1 else ())
+        q = np.clip(np.round(weight / s), -128, 127).astype(np.int8)
+        dequant = node.outputs[0].outputs[0]
+        consumers = list(dequant.outputs[0].outputs)
+        if (len(consumers) == 1 and consumers[0].op == "Transpose" and weight.ndim == 2
+                and all(c.op == "MatMul" for c in consumers[0].outputs[0].outputs)):
+            transpose = consumers[0]
+            perm = transpose.attrs.get("perm", [1, 0])
+            q = np.ascontiguousarray(q.transpose(perm))
+            dequant.attrs["axis"] = perm.index(axis % weight.ndim)
+            out = transpose.outputs[0]
+            for consumer in list(out.outputs):
+                consumer.inputs[[i for i, t in enumerate(consumer.inputs) if t is out][0]] = dequant.outputs[0]
+            transpose.outputs.clear()
+            dequant.outputs[0].shape = list(q.shape)
+        dequant.outputs[0].dtype = np.float32
+        dequant.inputs[0] = gs.Constant(node.inputs[0].name + "_int8", q)
+        node.outputs.clear()
+    g.cleanup().toposort()
+    return gs.export_onnx(g)
+
+
+def qdq_histogram(path: Path) -> dict:
+    """Q/DQ nodes by kind (weight or activation) and weight type: what a reader checks first."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name: i.data_type for i in graph.graph.initializer}
+    counts = collections.Counter()
+    for node in graph.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            source = node.input[0]
+            kind = f"weight:{onnx.TensorProto.DataType.Name(initializers[source])}" if source in initializers else "act"
+            counts[f"{node.op_type}[{kind}]"] += 1
+    return dict(counts)
+
+
+class OrtDecoder:
+    """The exported decoder in onnxruntime on CPU."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # ORT's fused INT4 MatMul defaults to int8 activations; level 0 keeps fp32 compute, as the model does.
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, past_key: np.ndarray, past_value: np.ndarray):
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+                 "past_key": past_key.astype(np.float32), "past_value": past_value.astype(np.float32)}
+        return self.session.run(OUTPUTS, feeds)
+
+    def prefill_then_decode(self, config, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, list[int]]:
+        """Logits of the prompt (past length 0), then `steps` greedy tokens fed back one by one through the cache."""
+        empty = np.zeros(kv_shape(config, 1, 0), np.float32)
+        logits, key, value = self(prompt[None], np.ones((1, len(prompt))), empty, empty)
+        prompt_logits, tokens = logits[0], []
+        for _ in range(steps):
+            tokens.append(int(logits[0, -1].argmax()))
+            mask = np.ones((1, key.shape[3] + 1))
+            logits, key, value = self(np.array([[tokens[-1]]]), mask, key, value)
+        return prompt_logits, tokens
+
