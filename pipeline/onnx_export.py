@@ -111,6 +111,7 @@ def export(model, path: Path) -> dict:
     del graph.graph.value_info[:]
     graph.graph.value_info.extend(kept)
     graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
+    graph = _half_unquantized(graph)
     graph.ir_version = min(graph.ir_version, 10)
     external = graph.ByteSize() > PROTOBUF_LIMIT
     onnx.save_model(graph, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
@@ -183,6 +184,34 @@ def _int8_weights(graph):
         dequant.outputs[0].dtype = np.float32
         dequant.inputs[0] = gs.Constant(node.inputs[0].name + "_int8", q)
         node.outputs.clear()
+    g.cleanup().toposort()
+    return gs.export_onnx(g)
+
+
+def _half_unquantized(graph, min_elements: int = 1 << 16):
+    """Store the weights left unquantized (embedding, lm_head, excluded layers) in fp16, as the checkpoints do:
+    Gather and MatMul run on fp16 weights between Casts, so the fp32 graph around them is unchanged."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    g = gs.import_onnx(graph)
+    for node in list(g.nodes):
+        position = {"Gather": 0, "MatMul": 1}.get(node.op)
+        weight = node.inputs[position] if position is not None else None
+        if not (isinstance(weight, gs.Constant) and weight.values.dtype == np.float32
+                and weight.values.size >= min_elements):
+            continue
+        node.inputs[position] = gs.Constant(f"{weight.name}_fp16", weight.values.astype(np.float16))
+        if node.op == "MatMul":
+            activation = node.inputs[0]
+            half = gs.Variable(f"{activation.name}_fp16", dtype=np.float16)
+            g.nodes.append(gs.Node("Cast", inputs=[activation], outputs=[half],
+                                   attrs={"to": onnx.TensorProto.FLOAT16}))
+            node.inputs[0] = half
+        output = node.outputs[0]
+        node.outputs[0] = gs.Variable(f"{output.name}_fp16", dtype=np.float16)
+        g.nodes.append(gs.Node("Cast", inputs=[node.outputs[0]], outputs=[output],
+                               attrs={"to": onnx.TensorProto.FLOAT}))
     g.cleanup().toposort()
     return gs.export_onnx(g)
 

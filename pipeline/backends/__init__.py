@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline.recipe import Recipe
-from pipeline.stages.base import StageContext
+
+if TYPE_CHECKING:  # stages import backends: no import cycle at run time
+    from pipeline.stages.base import StageContext
 
 
 class Backend(Protocol):

@@ -7,10 +7,13 @@ import collections
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline import host
 from pipeline.recipe import Recipe
-from pipeline.stages.base import StageContext
+
+if TYPE_CHECKING:  # stages import backends: no import cycle at run time
+    from pipeline.stages.base import StageContext
 
 ENGINE_FILE = "model.engine"
 ENGINE_MAGIC = b"vtrt"  # the first bytes of a serialized TensorRT-RTX engine
@@ -42,46 +45,55 @@ class TensorRTRTX:
         return {}  # builds ahead of time: the target's compute capability is in the key, not this host's GPU
 
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
-        import tensorrt_rtx as trt
+        from transformers import AutoConfig
 
-        from pipeline.onnx_export import kv_shape
         from pipeline.stages.export import ONNX_FILE
 
-        spec, sm = ctx.recipe.build, int(ctx.recipe.target.gpu.removeprefix("sm_"))
-        started = time.time()
-        builder = trt.Builder(_trt_logger())
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, _trt_logger())
-        if not parser.parse_from_file(str(ctx.input("export") / "onnx" / ONNX_FILE)):
-            errors = " | ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT-RTX could not parse the exported ONNX: {errors[:500]}")
-        layers = _quantize_layers(network)
-        config = builder.create_builder_config()
-        model = _model_config(ctx)
-        layers_n, _, kv_heads, _, head_dim = kv_shape(model, 1, 0)
-        profile = builder.create_optimization_profile()
-        batch, seq, past = (1, 1, spec.max_batch_size), (1, 1, spec.max_input_len), (0, 0, spec.max_seq_len - 1)
-        profile.set_shape("input_ids", *[(b, s) for b, s in zip(batch, seq)])
-        profile.set_shape("attention_mask", *[(b, p + s) for b, s, p in zip(batch, seq, past)])
-        for name in ("past_key", "past_value"):
-            profile.set_shape(name, *[(layers_n, b, kv_heads, p, head_dim) for b, p in zip(batch, past)])
-        config.add_optimization_profile(profile)
-        config.num_compute_capabilities = 1
-        config.set_compute_capability(getattr(trt.ComputeCapability, CAPABILITIES[sm]), 0)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise RuntimeError("TensorRT-RTX returned no engine; rerun with -vv for the builder log")
-        engine = bytes(memoryview(serialized))
+        model = AutoConfig.from_pretrained(ctx.input("load") / "model")
+        engine, metadata = compile_engine(ctx.input("export") / "onnx" / ONNX_FILE, model, ctx.recipe.build,
+                                          int(ctx.recipe.target.gpu.removeprefix("sm_")))
         (ctx.out / ENGINE_FILE).write_bytes(engine)
-        profile_info = {"batch": batch, "new_tokens": seq, "past_tokens": past}
-        (ctx.out / "engine.json").write_text(json.dumps({"compute_capability": CAPABILITIES[sm],
-                                                          "profile": profile_info, "inputs": ["input_ids",
-                                                          "attention_mask", "past_key", "past_value"]}, indent=2))
-        checks = ["ONNX parsed", "engine serialized", f"header magic {ENGINE_MAGIC!r}: {engine[:4] == ENGINE_MAGIC}"]
-        return {"backend": "tensorrt-rtx", "tensorrt_rtx": trt.__version__, "compute_capability": CAPABILITIES[sm],
-                "engine_bytes": len(engine), "build_seconds": round(time.time() - started, 2),
-                "profile": profile_info, "quantize_layers": layers, "checks": checks,
-                "not_checked": "running the engine needs an RTX-class GPU of its architecture"}
+        (ctx.out / "engine.json").write_text(json.dumps(
+            {"compute_capability": metadata["compute_capability"], "profile": metadata["profile"],
+             "inputs": ["input_ids", "attention_mask", "past_key", "past_value"]}, indent=2))
+        return metadata
+
+
+def compile_engine(onnx_path: Path, model_config, spec, sm: int) -> tuple[bytes, dict]:
+    """Parse the ONNX decoder and build a serialized engine for one compute capability (no GPU needed)."""
+    import tensorrt_rtx as trt
+
+    from pipeline.onnx_export import kv_shape
+
+    started = time.time()
+    builder = trt.Builder(_trt_logger())
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, _trt_logger())
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = " | ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT-RTX could not parse the exported ONNX: {errors[:500]}")
+    layers = _quantize_layers(network)
+    config = builder.create_builder_config()
+    layers_n, _, kv_heads, _, head_dim = kv_shape(model_config, 1, 0)
+    profile = builder.create_optimization_profile()
+    batch, seq, past = (1, 1, spec.max_batch_size), (1, 1, spec.max_input_len), (0, 0, spec.max_seq_len - 1)
+    profile.set_shape("input_ids", *[(b, s) for b, s in zip(batch, seq)])
+    profile.set_shape("attention_mask", *[(b, p + s) for b, s, p in zip(batch, seq, past)])
+    for name in ("past_key", "past_value"):
+        profile.set_shape(name, *[(layers_n, b, kv_heads, p, head_dim) for b, p in zip(batch, past)])
+    config.add_optimization_profile(profile)
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(getattr(trt.ComputeCapability, CAPABILITIES[sm]), 0)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT-RTX returned no engine; rerun with -vv for the builder log")
+    engine = bytes(memoryview(serialized))
+    checks = ["ONNX parsed", "engine serialized", f"header magic {ENGINE_MAGIC!r}: {engine[:4] == ENGINE_MAGIC}"]
+    return engine, {"backend": "tensorrt-rtx", "tensorrt_rtx": trt.__version__,
+                    "compute_capability": CAPABILITIES[sm], "engine_bytes": len(engine),
+                    "build_seconds": round(time.time() - started, 2),
+                    "profile": {"batch": batch, "new_tokens": seq, "past_tokens": past}, "quantize_layers": layers,
+                    "checks": checks, "not_checked": "running the engine needs an RTX-class GPU of its architecture"}
 
 
 def _quantize_layers(network) -> dict:
@@ -95,9 +107,3 @@ def _quantize_layers(network) -> dict:
             result = str(layer.get_output(0).dtype).split(".")[-1]
             counts[f"{kind}:{source}->{result}"] += 1
     return dict(counts)
-
-
-def _model_config(ctx: StageContext):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(ctx.input("load") / "model")

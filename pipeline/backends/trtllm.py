@@ -11,13 +11,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from pipeline import host
 from pipeline.errors import HostLacks
 from pipeline.recipe import Recipe
-from pipeline.stages.base import StageContext
+
+if TYPE_CHECKING:  # stages import backends: no import cycle at run time
+    from pipeline.stages.base import StageContext
 
 # GEMM plugin per format: FP8 and NVFP4 have their own; the rest let TensorRT-LLM pick.
 GEMM_PLUGIN = {"fp8": "fp8", "nvfp4": "nvfp4", "nvfp4_awq": "nvfp4"}

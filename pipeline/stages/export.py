@@ -9,14 +9,15 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline import card
-from pipeline.errors import BadInput
+from pipeline import card, host
+from pipeline.errors import BadInput, HostLacks
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.quantize import CHECKPOINT
 
 ONNX_FILE = "model.onnx"
+ONNX_MODULES = ("onnx_graphsurgeon", "onnxconverter_common", "onnxruntime")  # ModelOpt's ONNX exporters need them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
@@ -34,6 +35,9 @@ class Export(Stage):
             raise BadInput("export.pp applies to the trtllm format only; add trtllm to export.formats or set pp: 1")
         if model:
             _check_parallelism(model, recipe.export.tp, recipe.export.pp)
+        missing = [m for m in ONNX_MODULES if not host.has_module(m)]
+        if "onnx" in recipe.export.formats and missing:
+            raise HostLacks(f"export format onnx needs {', '.join(missing)}: pip install 'quantpipe[rtx]'")
 
     def summary(self, metadata: dict) -> str:
         return "; ".join(f"{f} {human_bytes(m['bytes'])} ({m['bytes'] / metadata['fp16_bytes']:.2f}x of fp16)"
