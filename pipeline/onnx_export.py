@@ -9,6 +9,7 @@ ModelOpt's ONNX post-processors turn them into standard ops with low-precision w
 from __future__ import annotations
 
 import collections
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,8 @@ def export(model, path: Path) -> dict:
     from modelopt.onnx.quantization.qdq_utils import replace_zero_scale_with_smallest_nonzero
 
     raw = path.with_suffix(".raw.onnx")
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python-side shape logic: the graph is verified
         torch.onnx.export(Decoder(model).eval(), _example(model.config), str(raw), input_names=INPUTS,
                           output_names=OUTPUTS, dynamic_axes=DYNAMIC_AXES, opset_version=19,
                           do_constant_folding=True, dynamo=False)

@@ -59,6 +59,13 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(part, path)
 
 
+def _no_space(exc: BaseException) -> bool:
+    """Writers report a full disk as OSError(ENOSPC) or, like safetensors, only in their message."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc)
+
+
 @dataclass(frozen=True)
 class Artifact:
     stage: str
@@ -171,8 +178,9 @@ class ArtifactStore:
             os.rename(tmp, final)
             _fsync(stage_dir)
         except BaseException as exc:
+            full = _no_space(exc) or self._disk_full()  # measured before the partial files are freed
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or self._disk_full():
+            if full:
                 raise HostLacks(
                     f"no space left on the device holding {self.root} while writing the {stage} artifact; "
                     "free space or pass --cache-dir on a larger disk (nothing was stored)"
