@@ -59,13 +59,18 @@ def _environment(recipe: Recipe) -> dict:
     return {"tensorrt_llm": trtllm_version(), "gpus": [f"{g.name} (sm_{g.sm})" for g in host.gpus()]}
 
 
-class TrtllmEngine:
-    """A TensorRT engine from the exported TensorRT-LLM checkpoint with trtllm-build (TensorRT-LLM <= 1.2)."""
+class _TrtllmBackend:
+    """What both TensorRT-LLM paths share: its own interpreter, and a GPU of the target architecture."""
 
     libraries = ()
-    export_format = "trtllm"
     missing = staticmethod(_missing)
     environment = staticmethod(_environment)
+
+
+class TrtllmEngine(_TrtllmBackend):
+    """A TensorRT engine from the exported TensorRT-LLM checkpoint with trtllm-build (TensorRT-LLM <= 1.2)."""
+
+    export_format = "trtllm"
 
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
         spec, fmt = ctx.recipe.build, ctx.recipe.quantization.format
@@ -88,13 +93,10 @@ class TrtllmEngine:
                 "engine_bytes": sum(e.stat().st_size for e in engines), "tensorrt_llm": trtllm_version()}
 
 
-class TrtllmPytorch:
+class TrtllmPytorch(_TrtllmBackend):
     """The PyTorch-backend deployable: the HF checkpoint plus LLM API options, loaded once to warm the autotuner."""
 
-    libraries = ()
     export_format = "hf"
-    missing = staticmethod(_missing)
-    environment = staticmethod(_environment)
 
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
         spec, q = ctx.recipe.build, ctx.recipe.quantization
