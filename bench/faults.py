@@ -17,8 +17,9 @@ from pipeline.faults import fingerprint, random_trials, seed_store, trial  # noq
 from pipeline.stages import NAMES  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
 
+# Small calibration and evaluation, checkpoints only (no ONNX or engine), so 20 trials fit in minutes.
 TINY = ["calibration.samples=4", "calibration.seq_len=64", "verify.tokens=256", "verify.seq_len=128",
-        "verify.max_new_tokens=8"]
+        "verify.max_new_tokens=8", "export.formats=[trtllm,hf]", "build.backend=none"]
 STAGES = ["load", "calibrate", "quantize", "export", "verify"]
 # Rough length of each stage in this setting (seconds): kills land uniformly inside it.
 DURATION = {"load": 25.0, "calibrate": 8.0, "quantize": 4.0, "export": 4.0, "verify": 30.0}
