@@ -11,6 +11,7 @@ import fnmatch
 import io
 import json
 import logging
+import pickle
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -177,7 +178,7 @@ def _fit_block_size(spec: QuantizationSpec, plan: QuantPlan, widths: dict[str, i
     plan.decisions.append(decision)
 
 
-STATE_FILE = "modelopt_state.pt"
+STATE_FILE = "modelopt_state.pkl"
 TENSORS_FILE = "calibration.safetensors"
 RESCALED_FILE = "rescaled.json"
 
@@ -192,6 +193,16 @@ def _smoothed(weight, module):
         return None
     inverse = 1.0 / pqs.to(torch.float32)
     return (weight * inverse.squeeze()[None, :]).to(weight.dtype)
+
+
+def _canonical(value):
+    """The same value with every string-keyed dict in sorted key order (order carries no meaning in them)."""
+    if isinstance(value, dict):
+        items = sorted(value.items()) if all(isinstance(k, str) for k in value) else value.items()
+        return {k: _canonical(v) for k, v in items}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_canonical(v) for v in value)
+    return value
 
 
 def save_calibration(model, original_weights, out) -> dict:
@@ -224,7 +235,9 @@ def save_calibration(model, original_weights, out) -> dict:
                 changed[name] = tensor.detach().clone().contiguous()
     save_file(changed, out / TENSORS_FILE)
     (out / RESCALED_FILE).write_text(json.dumps(rescaled))
-    torch.save(mto.modelopt_state(model), out / STATE_FILE)
+    # Plain pickle of a key-sorted state: torch.save adds a random serialization id and ModelOpt builds some dicts
+    # from sets, and a rerun must reproduce the artifact byte for byte.
+    (out / STATE_FILE).write_bytes(pickle.dumps(_canonical(mto.modelopt_state(model)), protocol=4))
     return {"tensors": len(changed), "rescaled_weights": len(rescaled),
             "bytes": sum(t.numel() * t.element_size() for t in changed.values())}
 
@@ -235,7 +248,7 @@ def restore_calibration(model, folder) -> None:
     from safetensors.torch import load_file
 
     _, mto = modelopt()
-    state = torch.load(folder / STATE_FILE, weights_only=False)  # our own artifact, sha256-checked by the store
+    state = pickle.loads((folder / STATE_FILE).read_bytes())  # our own artifact, sha256-checked by the store
     with library_prints():
         mto.restore_from_modelopt_state(model, state)
     result = model.load_state_dict(load_file(folder / TENSORS_FILE), strict=False)

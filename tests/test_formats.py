@@ -21,7 +21,7 @@ EXPECTED = {
              "activation_scaling_factor": ("F32", [1])}),
     "int8-sq": ("W8A8_SQ_PER_CHANNEL", None,
                 {"weight": ("I8", [576, 576]), "weight_scale": ("F32", [576]), "input_scale": ("F32", []),
-                 "pre_quant_scale": ("F32", [576])},
+                 "pre_quant_scale": ("F16", [576])},
                 {"weight": ("I8", [960, 576]), "weights_scaling_factor": ("F32", [960]),
                  "prequant_scaling_factor": ("F16", [576])}),
     "int4-awq": ("W4A16_AWQ", 64,
