@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--skip-quality", action="store_true")
     options = parser.parse_args()
-    calib = ["--set", f"calibration.samples={options.samples}", "--set", f"calibration.seq_len={options.seq_len}"]
+    # The same work as the bare script: calibration and both checkpoints (no ONNX, no engine).
+    calib = ["--set", f"calibration.samples={options.samples}", "--set", f"calibration.seq_len={options.seq_len}",
+             "--set", "export.formats=[trtllm,hf]", "--set", "build.backend=none"]
     results: dict = {"machine": f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                      "calibration": f"{options.samples} x {options.seq_len} tokens"}
     with tempfile.TemporaryDirectory() as scratch:
