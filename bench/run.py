@@ -34,8 +34,8 @@ def timed(command: list[str]) -> tuple[float, str]:
 
 
 def quantpipe(*args: str, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *args, "--cache-dir", str(cache), "--engines-dir",
-            str(cache / "engines")]
+    publish = ["--engines-dir", str(cache / "engines")] if args[0] == "run" else []
+    return [sys.executable, "-m", "pipeline", *args, "--cache-dir", str(cache), *publish]
 
 
 def peak_rss(command: list[str]) -> int:
