@@ -109,8 +109,7 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
         }
         key = keys[stage.name] = stage_key({"stage": stage.name, **record})
         forced = position >= forced_from
-        artifact = store.get(stage.name, key)
-        step = Step(stage, key, record, artifact, forced)
+        step = Step(stage, key, record, store.peek(stage.name, key), forced)
         if not step.hit:
             step.reasons = _why(stage.name, key, record, previous.get(stage.name), forced)
         steps.append(step)
@@ -136,7 +135,8 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
     for step in steps:
         reporter.stage_started(step)
         t0 = time.time()
-        artifact, status = (step.artifact, "hit") if step.hit else _build(step, recipe, store, artifacts, reporter)
+        cached = store.get(step.stage.name, step.key) if step.hit else None  # pulled here if only in the remote tier
+        artifact, status = (cached, "hit") if cached else _build(step, recipe, store, artifacts, reporter)
         artifacts[step.stage.name] = artifact
         outcome = Outcome(step.stage.name, step.key, status, time.time() - t0, artifact)
         outcomes.append(outcome)

@@ -3,6 +3,7 @@
 A stage writes into a private temporary directory; the manifest (file sizes and sha256) is written last and the
 directory is renamed into place, so a killed run never leaves a half artifact under a real key. A file lock per key
 lets concurrent runs share one build. Every read checks the manifest; a damaged artifact is discarded and rebuilt.
+With a remote URL (`pipeline.remote`), artifacts missing here are pulled from that shared tier and new ones pushed to it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,7 @@ class Artifact:
     key: str
     path: Path
     manifest: dict
+    local: bool = True  # False: committed in the remote tier, not downloaded yet
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -86,8 +89,11 @@ class Artifact:
 
 
 class ArtifactStore:
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, remote: str | None = None) -> None:
+        from pipeline.remote import RemoteStore
+
         self.root = Path(root).expanduser().absolute()
+        self.remote = RemoteStore(remote) if remote else None
 
     @staticmethod
     def default_root() -> Path:
@@ -127,26 +133,80 @@ class ArtifactStore:
                 pass  # a read-only cache only costs a rehash next time
         return memo[stamp]
 
-    def lock(self, stage: str, key: str) -> FileLock:
+    def lock(self, stage: str, key: str) -> AbstractContextManager:
+        """One producer per key: a file lock here, plus the remote tier's lease when there is one."""
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        return FileLock(locks / f"{stage}-{key}.lock")
+        local = FileLock(locks / f"{stage}-{key}.lock")
+        return self._both(local, self.remote.lease(stage, key)) if self.remote else local
+
+    @staticmethod
+    @contextmanager
+    def _both(*locks: AbstractContextManager) -> Iterator[None]:
+        with ExitStack() as stack:
+            for held in locks:
+                stack.enter_context(held)
+            yield
+
+    def peek(self, stage: str, key: str) -> Artifact | None:
+        """What `get` would return, without side effects (nothing discarded, downloaded or touched): for `plan`."""
+        path = self.path_for(stage, key)
+        if path.is_dir():
+            manifest, problem = self._check(path, stage, key, deep=False)
+            if not problem:
+                return Artifact(stage, key, path, manifest)
+        if self.remote and (manifest := self.remote.manifest(stage, key)) is not None:
+            return Artifact(stage, key, path, manifest, local=False)
+        return None
 
     def get(self, stage: str, key: str, *, deep: bool = False) -> Artifact | None:
-        """The artifact if present and intact; a damaged one is discarded (with a warning) and None returned."""
+        """The artifact if present and intact, pulled from the remote tier if only there; a damaged one is
+        discarded (with a warning) and None returned."""
         path = self.path_for(stage, key)
         if not path.is_dir():
-            return None
+            return self._pull(stage, key) if self.remote else None
         manifest, problem = self._check(path, stage, key, deep)
         if problem:
             log.warning("damaged artifact %s/%s (%s): discarded, it will be rebuilt", stage, key[:12], problem)
             self._discard(path)
-            return None
+            return self._pull(stage, key) if self.remote else None
         try:
             os.utime(path)  # last-used time, for gc
         except OSError:
             pass
+        if self.remote:
+            self.remote.push(stage, key, path, manifest)  # heals a remote tier that lost it or missed the upload
         return Artifact(stage, key, path, manifest)
+
+    def _pull(self, stage: str, key: str) -> Artifact | None:
+        from pipeline.remote import RemoteDamaged
+
+        manifest = self.remote.manifest(stage, key)
+        if manifest is None:
+            return None
+        stage_dir = self.root / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stage_dir / f"{TMP_PREFIX}{key[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            self.remote.pull(stage, key, manifest, tmp)
+        except RemoteDamaged as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("damaged remote artifact %s/%s (%s): discarded, it will be rebuilt", stage, key[:12], exc)
+            self.remote.discard(stage, key)
+            return None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        local = {k: v for k, v in manifest.items() if k != "remote"}
+        local["files"] = self._inventory(tmp)  # same hashes, this disk's mtimes
+        write_json_atomic(tmp / MANIFEST, local)
+        final = self.path_for(stage, key)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process pulled it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.get(stage, key)
 
     def write(self, stage: str, key: str, build: Callable[[Path], dict], record: dict) -> Artifact:
         """Run `build(tmp_dir) -> metadata`, then publish the directory under its key atomically.
@@ -177,6 +237,8 @@ class ArtifactStore:
                 self._discard(final)
             os.rename(tmp, final)
             _fsync(stage_dir)
+            if self.remote:
+                self.remote.push(stage, key, final, manifest)
         except BaseException as exc:
             full = _no_space(exc) or self._disk_full()  # measured before the partial files are freed
             shutil.rmtree(tmp, ignore_errors=True)
