@@ -6,6 +6,7 @@ FORMAT  ?= fp8
 TARGET  ?= ada
 MODEL   ?=
 ARGS    ?=
+MATRIX  ?= docs/nightly-matrix.yaml
 
 QP      := $(VENV)/bin/quantpipe
 STAMP   := $(VENV)/.installed
@@ -28,6 +29,9 @@ demo: $(STAMP)
 engine: $(STAMP)
 	$(QP) run $(FORMAT) --set target=$(TARGET) $(if $(MODEL),--set model.source=$(MODEL)) $(ARGS)
 
+matrix: $(STAMP)
+	$(QP) matrix $(MATRIX) $(ARGS)
+
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
 
@@ -37,4 +41,4 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-.PHONY: setup demo engine test bench clean
+.PHONY: setup demo engine matrix test bench clean

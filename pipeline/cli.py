@@ -6,7 +6,6 @@ import functools
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -20,7 +19,7 @@ from rich.table import Table
 
 from pipeline import host, runner, targets
 from pipeline.errors import BadInput, QuantpipeError, VerificationFailed
-from pipeline.fmt import human_bytes
+from pipeline.fmt import human_bytes, parse_age, parse_size
 from pipeline.publish import published_keys
 from pipeline.recipe import load_recipe, presets
 from pipeline.stages import NAMES, by_name
@@ -33,25 +32,17 @@ LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "datasets", "safetensor
              "tensorrt-rtx", "tensorrt-llm", "ray")
 
 
-def _parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*", text.lower())
-    if not match:
-        raise BadInput(f"size '{text}' not understood; write e.g. 500M or 20G")
-    return int(float(match[1]) * 1024 ** " kmgt".index(match[2] or " "))
-
-
-def _parse_age(text: str) -> float:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text.lower())
-    if not match:
-        raise BadInput(f"age '{text}' not understood; write e.g. 12h or 7d")
-    return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
-
-
 def _emit(as_json: bool, data: object, render: Callable[[], None]) -> None:
     if as_json:
         out.print_json(json.dumps(data, default=str))
     else:
         render()
+
+
+def _event(data: dict) -> None:
+    """One JSON object per line on stdout: the event stream of `run --json` and `matrix --json`."""
+    out.file.write(json.dumps(data, default=str, separators=(",", ":")) + "\n")
+    out.file.flush()
 
 
 def default_engines_dir() -> Path:
@@ -73,6 +64,7 @@ def _configure_logging(verbose: int) -> None:
                                            else "quantpipe: %(levelname)s: %(message)s"))
     handler.addFilter(lambda r: r.levelno >= (ours if r.name.startswith("pipeline") else theirs))
     logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
+    logging.captureWarnings(True)  # libraries' warnings.warn calls obey the same filter
 
 
 def common(func: Callable) -> Callable:
@@ -80,17 +72,20 @@ def common(func: Callable) -> Callable:
 
     @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                   help="Artifact store root (default: $QUANTPIPE_CACHE or ~/.cache/quantpipe).")
+    @click.option("--remote", default=None, metavar="URL",
+                  help="Shared store tier on an fsspec URL (file://, s3://, ...; default: $QUANTPIPE_REMOTE).")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
     @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
     @functools.wraps(func)
-    def wrapper(cache_dir: Path | None, as_json: bool, verbose: int, **kwargs):
+    def wrapper(cache_dir: Path | None, remote: str | None, as_json: bool, verbose: int, **kwargs):
         _configure_logging(verbose)
-        store = ArtifactStore(cache_dir or ArtifactStore.default_root())
         try:
+            store = ArtifactStore(cache_dir or ArtifactStore.default_root(),
+                                  remote=remote or os.environ.get("QUANTPIPE_REMOTE") or None)
             func(store=store, as_json=as_json, **kwargs)
         except QuantpipeError as exc:
             if as_json:
-                out.print_json(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
+                _event({"event": "error", "ok": False, "error": str(exc), "exit_code": exc.exit_code})
             _fail(exc)
         except KeyboardInterrupt:
             err.print("quantpipe: interrupted; nothing half-written was kept, rerun to resume")
@@ -132,9 +127,11 @@ def main() -> None:
 
 
 class ConsoleReporter(runner.Reporter):
-    """Progress bars on an interactive terminal; nothing otherwise (quiet for cron)."""
+    """Progress bars on an interactive terminal; nothing otherwise (quiet for cron). With `events`, each stage's
+    start and end also go to stdout as JSON lines."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, events: bool = False, recipe: str = "") -> None:
+        self.events, self.recipe = events, recipe
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True,
                                  disable=not enabled)
@@ -144,8 +141,13 @@ class ConsoleReporter(runner.Reporter):
         if not step.hit:
             self.task = self.progress.add_task(f"{step.stage.name}", total=None)
         logging.getLogger("pipeline").info("%s: %s", step.stage.name, "hit" if step.hit else "running")
+        if self.events:
+            _event({"event": "stage_start", "recipe": self.recipe, "stage": step.stage.name, "key": step.key,
+                    "status": "hit" if step.hit else "miss", "reasons": step.reasons})
 
     def stage_finished(self, outcome: runner.Outcome) -> None:
+        if self.events:
+            _event({"event": "stage_end", "recipe": self.recipe, **outcome.to_json()})
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
@@ -179,7 +181,8 @@ def run(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tupl
     """Run the pipeline; stages whose artifact is cached are skipped."""
     parsed = load_recipe(recipe, list(overrides))
     started = time.time()
-    reporter = ConsoleReporter(enabled=err.is_terminal and not as_json and not quiet)
+    reporter = ConsoleReporter(enabled=err.is_terminal and not as_json and not quiet, events=as_json,
+                               recipe=parsed.name)
     with reporter.progress:
         result = runner.run(parsed, store, until=until, force=force, reporter=reporter,
                             engines_dir=engines_dir or default_engines_dir())
@@ -189,7 +192,7 @@ def run(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tupl
                "stages": [o.to_json() for o in result.outcomes]}
     if as_json:
         failure = {"error": result.failure, "exit_code": VerificationFailed.exit_code} if result.failure else {}
-        out.print_json(json.dumps({**summary, **failure}, default=str))
+        _event({"event": "run_end", **summary, **failure})
     elif not quiet or result.failure:
         out.print(_summary_table(result.outcomes, seconds))
         if result.published:
@@ -277,18 +280,20 @@ def ls_command(store: ArtifactStore, as_json: bool, stage: str | None) -> None:
 @main.command(name="gc")
 @click.option("--older-than", help="Remove artifacts unused for this long (e.g. 7d, 12h).")
 @click.option("--max-size", help="Then remove least recently used artifacts until the store fits (e.g. 20G).")
+@click.option("--keep-published/--no-keep-published", default=True, show_default=True,
+              help="Keep every artifact a build.json under --engines-dir references (and what it was built from).")
 @click.option("--engines-dir", type=click.Path(path_type=Path), default=None,
-              help="Published artifacts here are always kept (default: $QUANTPIPE_ENGINES or ./engines).")
+              help="The published artifacts to keep (default: $QUANTPIPE_ENGINES or ./engines).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @common
 def gc_command(store: ArtifactStore, as_json: bool, older_than: str | None, max_size: str | None,
-               engines_dir: Path, dry_run: bool) -> None:
-    """Trim the store by age or size, never touching what engines/ publishes."""
+               keep_published: bool, engines_dir: Path, dry_run: bool) -> None:
+    """Trim the local store by age or size, by default never touching what engines/ publishes."""
     if older_than is None and max_size is None:
         raise BadInput("gc needs --older-than (e.g. 7d) or --max-size (e.g. 20G)")
-    removed = gc(store, older_than_s=_parse_age(older_than) if older_than else None,
-                 max_bytes=_parse_size(max_size) if max_size else None,
-                 keep=published_keys(engines_dir or default_engines_dir()), dry_run=dry_run)
+    keep = published_keys(engines_dir or default_engines_dir()) if keep_published else set()
+    removed = gc(store, older_than_s=parse_age(older_than) if older_than else None,
+                 max_bytes=parse_size(max_size) if max_size else None, keep=keep, dry_run=dry_run)
     rows = [{"stage": a.stage, "key": a.key, "bytes": a.size} for a in removed]
     verb = "would remove" if dry_run else "removed"
     _emit(as_json, {"dry_run": dry_run, "removed": rows},
@@ -366,3 +371,79 @@ def report_command(store: ArtifactStore, as_json: bool, runs: tuple[str, ...]) -
         out.print(table)
 
     _emit(as_json, rows, render)
+
+
+@main.command(name="matrix")
+@click.argument("matrix_file", type=click.Path(path_type=Path))
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: cells in order in this process; ray: each distinct stage as a Ray task.")
+@click.option("--address", default=None, help="Ray cluster address (default: start a private local cluster).")
+@click.option("--plan", "plan_only", is_flag=True, help="Only show each cell's stages as hit or miss.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@click.option("--engines-dir", type=click.Path(path_type=Path), default=None,
+              help="Where complete, verified cells are published (default: $QUANTPIPE_ENGINES or ./engines).")
+@common
+def matrix_command(store: ArtifactStore, as_json: bool, matrix_file: Path, executor: str, address: str | None,
+                   plan_only: bool, quiet: bool, engines_dir: Path | None) -> None:
+    """Build every cell of MATRIX_FILE (a base recipe times models, formats, targets and variants); stages the
+    cells share are built once. Exit code: 0 when every cell passed, else the first failed cell's code."""
+    from pipeline import matrix
+
+    spec = matrix.load_matrix(matrix_file)
+    cells = matrix.expand(spec)
+    if plan_only:
+        _matrix_plan(matrix.plan(cells, store), as_json)
+        return
+    store.ensure_writable()
+    engines = engines_dir or default_engines_dir()
+    emit = _event if as_json else (lambda data: None)
+    started = time.time()
+    if executor == "ray":
+        from pipeline.ray_executor import run_ray
+
+        results = run_ray(cells, spec, store, engines, emit, address)
+    else:
+        reporters = {c.name: ConsoleReporter(enabled=False, events=as_json, recipe=c.name) for c in cells}
+        results = matrix.run_local(cells, store, engines, emit, reporter_for=lambda c: reporters[c.name])
+    summary_file = matrix.write_summary(store, spec, executor, results, started)
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        _event({"event": "matrix_end", "ok": not failed, "matrix": spec.name, "executor": executor,
+                "seconds": round(time.time() - started, 3), "summary": str(summary_file),
+                "cells": [{"cell": r.cell.name, "ok": r.ok, "exit_code": r.exit_code} for r in results]})
+    elif not quiet or failed:
+        out.print(_matrix_table(results, time.time() - started, executor))
+    if failed:
+        err.print(f"quantpipe: error: {len(failed)} of {len(results)} cells failed; first: {failed[0].cell.name}: "
+                  f"{failed[0].error} (summary: {summary_file})")
+        sys.exit(failed[0].exit_code)
+
+
+def _matrix_table(results: list, seconds: float, executor: str) -> Table:
+    table = Table(title=f"quantpipe matrix ({executor}, {seconds:.1f} s)", title_justify="left")
+    for column in ("cell", "result", "stages", "detail"):
+        table.add_column(column)
+    for r in results:
+        stages = " ".join(f"{s['stage']}:{s['status']}" for s in r.stages)
+        verify = next((s for s in r.stages if s["stage"] == "verify"), None)
+        detail = by_name("verify").summary(verify["metadata"]) if verify else (r.error or "")
+        table.add_row(r.cell.name, "[green]ok[/]" if r.ok else f"[red]exit {r.exit_code}[/]", stages, detail)
+    return table
+
+
+def _matrix_plan(plans: dict[str, list[runner.Step]], as_json: bool) -> None:
+    rows = [{"cell": cell, "stages": [{"stage": s.stage.name, "key": s.key, "status": "hit" if s.hit else "miss"}
+                                      for s in steps]} for cell, steps in plans.items()]
+    distinct = {(s["stage"], s["key"]) for row in rows for s in row["stages"] if s["status"] == "miss"}
+
+    def render() -> None:
+        table = Table(title=f"matrix plan: {len(rows)} cells, {len(distinct)} distinct stages to build",
+                      title_justify="left")
+        table.add_column("cell")
+        table.add_column("stages (key prefix)")
+        for row in rows:
+            table.add_row(row["cell"], " ".join(f"{s['stage']}:{'[green]hit[/]' if s['status'] == 'hit' else 'miss'}"
+                                                f"({s['key'][:8]})" for s in row["stages"]))
+        out.print(table)
+
+    _emit(as_json, {"cells": rows, "to_build": len(distinct)}, render)

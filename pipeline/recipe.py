@@ -193,13 +193,13 @@ def load_recipe(ref: str | None, overrides: list[str] = ()) -> Recipe:
     else:
         hint = _did_you_mean(ref, presets())
         raise BadInput(f"unknown preset '{ref}'{hint}; presets: {', '.join(presets())}, or pass a YAML file path")
-    data = _expand_target(_parse_yaml(text, origin))
+    data = _expand_target(parse_yaml(text, origin))
     for item in overrides:
         _apply_override(data, item)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise BadInput(f"{origin}: {_describe(exc)}") from None
+        raise BadInput(f"{origin}: {describe_error(exc)}") from None
 
 
 def _expand_target(data: Any) -> Any:
@@ -209,7 +209,7 @@ def _expand_target(data: Any) -> Any:
     return data
 
 
-def _parse_yaml(text: str, origin: str) -> dict:
+def parse_yaml(text: str, origin: str) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -254,7 +254,7 @@ def _did_you_mean(word: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_error(exc: ValidationError) -> str:
     """One line for the first problem, naming the field and, for a typo, the nearest valid key."""
     err = exc.errors()[0]
     loc = tuple(err["loc"])

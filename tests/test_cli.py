@@ -33,7 +33,9 @@ def test_errors_exit_with_stable_codes_and_one_line(tmp_path, args, code, fragme
 def test_json_error_is_machine_readable(tmp_path):
     result = quantpipe("plan", "nvfp4", "--set", "target=hopper", "--json", cache=tmp_path)
     assert result.returncode == 3
-    assert json.loads(result.stdout) == {"ok": False, "exit_code": 3, "error": json.loads(result.stdout)["error"]}
+    error = json.loads(result.stdout)
+    assert error == {"event": "error", "ok": False, "exit_code": 3, "error": error["error"]}
+    assert "does not run on hopper" in error["error"]
 
 
 def test_plan_never_imports_torch(tmp_path):
@@ -52,3 +54,19 @@ def test_targets_and_doctor_json(tmp_path):
     assert "fp8" in rows["presets"] and {r["sm"] for r in rows["targets"]} >= {"sm_89", "sm_90", "sm_120"}
     doctor = json.loads(quantpipe("doctor", "--json", cache=tmp_path).stdout)
     assert doctor["versions"]["torch"].startswith("2.13")
+
+
+@pytest.mark.parametrize(("flag", "left"), [("--keep-published", {"published"}), ("--no-keep-published", set())])
+def test_gc_keeps_what_engines_publishes_unless_told_not_to(tmp_path, flag, left):
+    from pipeline.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "cache")
+    for key in ("published", "orphan"):
+        with store.lock("export", key):
+            store.write("export", key, lambda out: (out / "x.bin").write_bytes(b"x") and {}, {})
+    engines = tmp_path / "engines" / "model" / "fp8-sm_89"
+    engines.mkdir(parents=True)
+    (engines / "build.json").write_text(json.dumps({"keys": {"export": "published"}}))
+    result = quantpipe("gc", "--older-than", "0s", flag, "--engines-dir", str(tmp_path / "engines"), cache=store.root)
+    assert result.returncode == 0, result.stderr
+    assert {a.key for a in store.artifacts()} == left
