@@ -168,3 +168,28 @@ def _split_qkv(layer: str, leaf: str, tensor: torch.Tensor, q_rows: int, kv_rows
         sizes = [int(q_rows * factor), int(kv_rows * factor), int(kv_rows * factor)]
         return dict(zip(names, torch.split(tensor, sizes, dim=0)))
     return dict.fromkeys(names, tensor)  # per-tensor scales and pre-quant scales are shared by q, k and v
+
+
+def onnx_fp4_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Effective weights of an NVFP4 ONNX decoder: each FP4 initializer times its FP8 block scales times their
+    fp32 scale (TensorRT's two-DequantizeLinear form), under the Hugging Face name of the weight."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    initializers = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    weights = {}
+    for node in graph.node:
+        packed = initializers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if packed is None or packed.data_type != onnx.TensorProto.FLOAT4E2M1:
+            continue
+        scales = producers[node.input[1]]  # DequantizeLinear(FP8 block scales, fp32 scale)
+        block_scale = (numpy_helper.to_array(initializers[scales.input[0]]).astype(np.float32)
+                       * numpy_helper.to_array(initializers[scales.input[1]]).astype(np.float32))
+        block = next(a.i for a in node.attribute if a.name == "block_size")
+        values = numpy_helper.to_array(packed).astype(np.float32)
+        blocks = values.reshape(*values.shape[:-1], -1, block) * block_scale[..., None]
+        weights[packed.name.removeprefix("model.").removesuffix("_f4")] = torch.from_numpy(blocks.reshape(values.shape))
+    return weights

@@ -57,6 +57,47 @@ class Decoder(nn.Module):
         return out.logits, torch.stack([c.keys for c in layers]), torch.stack([c.values for c in layers])
 
 
+def _fp4_forward(ctx, inputs, block, amax):
+    from pipeline.quant import nvfp4_qdq
+
+    # The math must not be traced itself: the symbolic below stands for it, and traced internals would leave the
+    # output mapped to an intermediate value, which breaks the next traced op that reads it.
+    tracing = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return nvfp4_qdq(inputs, block, amax)
+    finally:
+        torch._C._set_tracing_state(tracing)
+
+
+def _fp4_symbolic(onnx_type: str):
+    def symbolic(g, inputs, block, amax):
+        from modelopt.torch.quantization.export_onnx import export_fp4
+
+        amax_value = g.op("Constant", value_t=torch.tensor(amax, dtype=torch.float32))
+        output = export_fp4(g, inputs, block, amax_value, (2, 1), "Float", onnx_type)
+        output.setType(inputs.type())  # later symbolics read the dtype of what feeds them
+        return output
+
+    return staticmethod(symbolic)
+
+
+class Fp4Onnx(torch.autograd.Function):
+    """NVFP4 activations while tracing to ONNX: computed on CPU like the backend, emitted as ModelOpt's
+    TRT_FP4DynamicQuantize + DequantizeLinear (ModelOpt's built-in path would need CUDA for the traced forward).
+    The tracer takes neither string arguments nor inherited symbolics, hence two sibling classes."""
+
+    forward = staticmethod(_fp4_forward)
+    symbolic = _fp4_symbolic("dynamic")
+
+
+class Fp4WeightOnnx(torch.autograd.Function):
+    """NVFP4 weights while tracing: TRT_FP4QDQ, which ModelOpt's NVFP4 exporter turns into FP4 initializers."""
+
+    forward = staticmethod(_fp4_forward)
+    symbolic = _fp4_symbolic("static")
+
+
 def kv_shape(config, batch: int, past: int) -> tuple[int, ...]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return (config.num_hidden_layers, batch, config.num_key_value_heads, past, head_dim)
@@ -73,18 +114,20 @@ def quantized_formats(model) -> list[str]:
     from modelopt.torch._deploy.utils import torch_onnx
 
     checks = {"int4": torch_onnx.is_int4_quantized, "fp8": torch_onnx.is_fp8_quantized,
-              "int8": torch_onnx.is_int8_quantized}
+              "int8": torch_onnx.is_int8_quantized, "nvfp4": torch_onnx.is_fp4_quantized}
     return [name for name, check in checks.items() if check(model)]
 
 
 def export(model, path: Path) -> dict:
     """Trace `model` to `path` (plus path.data when large) and post-process its Q/DQ; returns a summary."""
     import onnx
-    from modelopt.onnx.export import FP8QuantExporter, INT4QuantExporter
+    from modelopt.onnx.export import FP8QuantExporter, INT4QuantExporter, NVFP4QuantExporter
     from modelopt.onnx.quantization.qdq_utils import replace_zero_scale_with_smallest_nonzero
+    from modelopt.torch.quantization.export_onnx import configure_linear_module_onnx_quantizers
 
     raw = path.with_suffix(".raw.onnx")
-    with torch.inference_mode(), warnings.catch_warnings():
+    # Block-quantized weights export as static Q/DQ, activations as dynamic quantization (TensorRT's FP4 recipe).
+    with torch.inference_mode(), warnings.catch_warnings(), configure_linear_module_onnx_quantizers(model):
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape logic: the graph is verified
         torch.onnx.export(Decoder(model).eval(), _example(model.config), str(raw), input_names=INPUTS,
                           output_names=OUTPUTS, dynamic_axes=DYNAMIC_AXES, opset_version=19,
@@ -103,6 +146,9 @@ def export(model, path: Path) -> dict:
     if "fp8" in formats:
         graph = FP8QuantExporter.process_model(graph)
         _fp8_weights_as_torch(graph, model)
+    if "nvfp4" in formats:
+        graph = _float_after_half_matmuls(NVFP4QuantExporter.process_model(graph))  # FP4 + FP8 scales, opset 23
+        _static_fp4_blocks(graph, model)
     if "int8" in formats:
         graph = _int8_weights(graph)  # ModelOpt 0.47's INT8 exporter leaves fp32 weights behind a Q/DQ pair
     for node in graph.graph.node:  # the FP8 exporter renames TRT ops but keeps their custom domain
@@ -114,7 +160,7 @@ def export(model, path: Path) -> dict:
     graph.graph.value_info.extend(kept)
     graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
     graph = _half_unquantized(graph)
-    graph.ir_version = min(graph.ir_version, 10)
+    graph.ir_version = 11 if "nvfp4" in formats else min(graph.ir_version, 10)  # FLOAT4E2M1 needs IR 11
     external = graph.ByteSize() > PROTOBUF_LIMIT
     onnx.save_model(graph, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=1024)
@@ -148,6 +194,55 @@ def _fp8_weights_as_torch(graph, model) -> None:
                 candidate.shape[0] == candidate.shape[1] and (candidate != current).sum() > (candidate.T != current).sum()):
             candidate = candidate.T
         init.raw_data = np.ascontiguousarray(candidate).tobytes()
+
+
+def _float_after_half_matmuls(graph):
+    """ModelOpt's NVFP4 exporter casts each FP4 MatMul's inputs to fp16, assuming an fp16 graph: cast its output
+    back to fp32, so the rest of this fp32 graph (and its fp32 inputs and outputs) is unchanged."""
+    import onnx
+
+    produced_by_cast = {n.output[0]: n for n in graph.graph.node if n.op_type == "Cast"}
+    casts = []
+    for node in graph.graph.node:
+        if node.op_type != "MatMul" or not all(
+                produced_by_cast.get(i) is not None and produced_by_cast[i].attribute[0].i == onnx.TensorProto.FLOAT16
+                for i in node.input):
+            continue
+        half = f"{node.output[0]}_f16"
+        casts.append(onnx.helper.make_node("Cast", [half], [node.output[0]], to=onnx.TensorProto.FLOAT))
+        node.output[0] = half
+    graph.graph.node.extend(casts)
+    from modelopt.onnx import utils
+
+    utils.topologically_sort_graph_nodes(graph.graph)
+    return graph
+
+
+def _static_fp4_blocks(graph, model) -> None:
+    """TensorRT needs the blocked (last) axis of a dynamically FP4-quantized activation known at build time, but
+    the attention output's width comes from a Reshape to -1: pin it with Reshape(x, [0, 0, in_features])."""
+    import onnx
+
+    modules = dict(model.named_modules())
+    reshaped = {n.output[0] for n in graph.graph.node if n.op_type == "Reshape"}
+    pinned = []
+    for node in graph.graph.node:
+        if node.op_type != "TRT_FP4DynamicQuantize" or node.input[0] not in reshaped:
+            continue
+        name = node.name.split("/input_quantizer")[0].strip("/").replace("/", ".").removeprefix("model.")
+        module = modules.get(name)
+        if module is None or not hasattr(module, "in_features"):
+            continue
+        shape = f"{node.name}/static_shape"
+        graph.graph.initializer.append(onnx.numpy_helper.from_array(
+            np.array([0, 0, module.in_features], dtype=np.int64), shape))
+        static = f"{node.input[0]}/static"
+        pinned.append(onnx.helper.make_node("Reshape", [node.input[0], shape], [static], name=f"{node.name}/pin"))
+        node.input[0] = static
+    graph.graph.node.extend(pinned)
+    from modelopt.onnx import utils
+
+    utils.topologically_sort_graph_nodes(graph.graph)
 
 
 def _int8_weights(graph):

@@ -29,7 +29,10 @@ def markdown(r: dict) -> str:
         f"| greedy generation agreement | {r['agreement']:.1%} | >= {t['agreement_min']:.0%} |",
     ]
     for fmt, e in r["exports"].items():
-        if fmt == "onnx":
+        if fmt == "onnx" and "onnxruntime" in e:
+            lines.append(f"| onnx FP4 weights dequantized vs calibrated layers (max relative error); onnxruntime "
+                         f"{e['onnxruntime']} | {e['max_layer_error']} | <= {e['tolerance']} |")
+        elif fmt == "onnx":
             lines.append(f"| onnx in onnxruntime: top-1 agreement / cosine / ppl vs calibrated model | "
                          f"{e['agreement']:.1%} / {e['cosine']:.4f} / {e['ppl']:.3f} | >= {t['agreement_min']:.0%} |")
             lines.append(f"| onnx KV-cache decode steps matching a full recompute | {e['kv_cache_steps_match']:.0%} "

@@ -62,3 +62,32 @@ def test_engine_key_follows_the_target_architecture(run_preset):
     assert [o.key for o in ada[:-1]] == [o.key for o in rtx50[:-1]], "a new target reuses every export"
     assert ada[-1].key != rtx50[-1].key and rtx50[-1].artifact.metadata["compute_capability"] == "SM120"
     assert np.frombuffer((rtx50[-1].artifact / ENGINE_FILE).read_bytes()[:4], np.uint8).tobytes() == ENGINE_MAGIC
+
+
+def test_nvfp4_engine_for_blackwell_rtx_from_fp4_onnx(run_preset, tmp_path):
+    from pipeline.dequant import onnx_fp4_weights
+    from pipeline.modeling import load_model
+    from pipeline.quant import fold_weight_quantization, restore_calibration
+
+    outcomes = {o.stage: o for o in run_preset("nvfp4", until="build").outcomes}
+    build, export = outcomes["build"].artifact, outcomes["export"].artifact
+    engine = (build / ENGINE_FILE).read_bytes()
+    assert engine[:4] == ENGINE_MAGIC and build.metadata["compute_capability"] == "SM120"
+    assert build.metadata["quantize_layers"]["DEQUANTIZE:FP4->FLOAT"] >= 400, "FP4 weights and activations"
+    assert len(engine) < outcomes["load"].artifact.metadata["parameters"] * 2
+    ops = export.metadata["formats"]["onnx"]["ops"]
+    assert ops["DequantizeLinear[weight:FLOAT4E2M1]"] == 210 == ops["DequantizeLinear[weight:FLOAT8E4M3FN]"]
+
+    # The FP4 initializers hold exactly the calibrated model's fake-quantized weights; a wrong block scale shows.
+    model, _ = load_model(outcomes["load"].artifact / "model")
+    restore_calibration(model, outcomes["calibrate"].artifact.path)
+    fold_weight_quantization(model)
+    weights = onnx_fp4_weights(export / "onnx" / ONNX_FILE)
+    name = "model.layers.3.mlp.down_proj.weight"
+    assert len(weights) == 210 and torch.equal(weights[name], model.get_submodule(name[:-7]).weight.float())
+    graph = onnx.load(str(export / "onnx" / ONNX_FILE))
+    scale = next(i for i in graph.graph.initializer if i.name == f"model.{name}_f8_scale_f32_scale")
+    scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 2, scale.name))
+    onnx.save(graph, str(tmp_path / "broken.onnx"))
+    broken = onnx_fp4_weights(tmp_path / "broken.onnx")[name]
+    assert torch.allclose(broken, weights[name] * 2)

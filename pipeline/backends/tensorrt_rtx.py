@@ -102,7 +102,7 @@ def _quantize_layers(network) -> dict:
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         kind = str(layer.type).split(".")[-1]
-        if kind in ("QUANTIZE", "DEQUANTIZE"):
+        if kind in ("QUANTIZE", "DEQUANTIZE", "DYNAMIC_QUANTIZE"):
             source = str(layer.get_input(0).dtype).split(".")[-1]
             result = str(layer.get_output(0).dtype).split(".")[-1]
             counts[f"{kind}:{source}->{result}"] += 1
