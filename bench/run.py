@@ -1,6 +1,10 @@
 """quantpipe against bare ModelOpt, side by side in one run; writes bench/RESULTS.md and bench/results.json.
 
-    python bench/run.py [--samples 16] [--seq-len 256] [--formats fp8,int8-sq,...] [--skip-quality]
+    python bench/run.py [--samples 16] [--seq-len 256] [--formats fp8,int8-sq,...] [--sections core,quality,engines]
+
+Sections: core (overhead, no-op, reuse, memory), quality (per format, against ModelOpt's default recipe), engines
+(TensorRT-RTX engine size and build time per format and target against the fp16 engine, and the rebuild).
+A run of some sections keeps the others' last results in bench/results.json.
 
 Absolute times on shared machines are noisy: the ratios, measured in the same run, are what count.
 """
@@ -49,60 +53,106 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--formats", default=",".join(FORMATS))
-    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--sections", default="core,quality,engines")
     options = parser.parse_args()
+    sections = set(options.sections.split(","))
     # The same work as the bare script: calibration and both checkpoints (no ONNX, no engine).
-    calib = ["--set", f"calibration.samples={options.samples}", "--set", f"calibration.seq_len={options.seq_len}",
-             "--set", "export.formats=[trtllm,hf]", "--set", "build.backend=none"]
-    results: dict = {"machine": f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                     "calibration": f"{options.samples} x {options.seq_len} tokens"}
+    calib = ["--set", f"calibration.samples={options.samples}", "--set", f"calibration.seq_len={options.seq_len}"]
+    checkpoints = [*calib, "--set", "export.formats=[trtllm,hf]", "--set", "build.backend=none"]
+    try:
+        results = json.loads((BENCH / "results.json").read_text())
+    except (OSError, ValueError):
+        results = {}
+    results.update({"machine": f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                    "calibration": f"{options.samples} x {options.seq_len} tokens"})
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        # Overhead: the cold pipeline and the bare script, same model, recipe and data.
-        cold, _ = timed(quantpipe("run", "fp8", *calib, "--until", "export", "-q", cache=root / "a"))
-        bare, _ = timed([sys.executable, str(BENCH / "bare_modelopt.py"), "fp8", str(root / "bare"),
-                                   str(options.samples), str(options.seq_len)])
-        results["overhead"] = {"quantpipe_s": round(cold, 1), "bare_modelopt_s": round(bare, 1),
-                               "ratio": round(cold / bare, 3), "goal": "<= 1.10"}
-        # No-op: everything cached.
-        noop, out = timed(quantpipe("run", "fp8", *calib, "--until", "export", "--json", cache=root / "a"))
-        plan, _ = timed(quantpipe("plan", "fp8", *calib, cache=root / "a"))
-        results["noop"] = {"wall_s": round(noop, 2), "pipeline_s": json.loads(out.splitlines()[-1])["seconds"],
-                           "fraction_of_cold": round(noop / cold, 4), "plan_s": round(plan, 2),
-                           "goal": "< 1 s and < 1% of cold"}
-        # Reuse: another export format, then another target, after the first run.
-        first, _ = timed(quantpipe("run", "fp8", *calib, "--set", "export.formats=[trtllm]", "--until", "export",
-                                      "-q", cache=root / "b"))
-        second_format, _ = timed(quantpipe("run", "fp8", *calib, "--set", "export.formats=[trtllm,hf]",
-                                              "--until", "export", "-q", cache=root / "b"))
-        second_target, _ = timed(quantpipe("run", "fp8", *calib, "--set", "export.formats=[trtllm,hf]",
-                                              "--set", "target=hopper", "--until", "export", "-q", cache=root / "b"))
-        results["reuse"] = {"first_s": round(first, 1), "second_format_s": round(second_format, 1),
-                            "second_format_fraction": round(second_format / first, 3),
-                            "second_target_s": round(second_target, 1),
-                            "second_target_fraction": round(second_target / first, 3), "goal": "<= 0.15"}
-        # Memory: each stage alone in its own process, against the fp32 weights.
-        fp32 = 134.5e6 * 4
-        memory = {}
-        for stage in STAGES:
-            rss = peak_rss(quantpipe("run", "fp8", *calib, "--until", stage, "-q", cache=root / "c"))
-            memory[stage] = {"peak_rss": rss, "ratio_to_fp32": round(rss / fp32, 2)}
-        bare_rss = peak_rss([sys.executable, str(BENCH / "bare_modelopt.py"), "fp8", str(root / "bare2"),
-                             str(options.samples), str(options.seq_len)])
-        memory["bare_modelopt"] = {"peak_rss": bare_rss, "ratio_to_fp32": round(bare_rss / fp32, 2)}
-        results["memory"] = memory
-        if not options.skip_quality:
-            results["quality"] = quality(root, calib, options)
+        if "core" in sections:
+            results.update(core(root, checkpoints, options))
+        if "quality" in sections:
+            results["quality"] = quality(root, checkpoints, options)
+        if "engines" in sections:
+            results["engines"] = engines(root, calib)
     (BENCH / "results.json").write_text(json.dumps(results, indent=2))
     (BENCH / "RESULTS.md").write_text(render(results))
     print(render(results))
+
+
+def core(root: Path, calib: list[str], options) -> dict:
+    results = {}
+    # Overhead: the cold pipeline and the bare script, same model, recipe and data.
+    cold, _ = timed(quantpipe("run", "fp8", *calib, "--until", "export", "-q", cache=root / "a"))
+    bare, _ = timed([sys.executable, str(BENCH / "bare_modelopt.py"), "fp8", str(root / "bare"),
+                     str(options.samples), str(options.seq_len)])
+    results["overhead"] = {"quantpipe_s": round(cold, 1), "bare_modelopt_s": round(bare, 1),
+                           "ratio": round(cold / bare, 3), "goal": "<= 1.10"}
+    # No-op: everything cached.
+    noop, out = timed(quantpipe("run", "fp8", *calib, "--until", "export", "--json", cache=root / "a"))
+    plan, _ = timed(quantpipe("plan", "fp8", *calib, cache=root / "a"))
+    results["noop"] = {"wall_s": round(noop, 2), "pipeline_s": last_event(out)["seconds"],
+                       "fraction_of_cold": round(noop / cold, 4), "plan_s": round(plan, 2),
+                       "goal": "< 1 s and < 1% of cold"}
+    # Reuse: another export format, then another target, after the first run.
+    first, _ = timed(quantpipe("run", "fp8", *calib, "--set", "export.formats=[trtllm]", "--until", "export",
+                               "-q", cache=root / "b"))
+    second_format, _ = timed(quantpipe("run", "fp8", *calib, "--set", "export.formats=[trtllm,hf]",
+                                       "--until", "export", "-q", cache=root / "b"))
+    second_target, _ = timed(quantpipe("run", "fp8", *calib, "--set", "export.formats=[trtllm,hf]",
+                                       "--set", "target=hopper", "--until", "export", "-q", cache=root / "b"))
+    results["reuse"] = {"first_s": round(first, 1), "second_format_s": round(second_format, 1),
+                        "second_format_fraction": round(second_format / first, 3),
+                        "second_target_s": round(second_target, 1),
+                        "second_target_fraction": round(second_target / first, 3), "goal": "<= 0.15"}
+    # Memory: each stage alone in its own process, against the fp32 weights.
+    fp32 = 134.5e6 * 4
+    memory = {}
+    for stage in STAGES:
+        rss = peak_rss(quantpipe("run", "fp8", *calib, "--until", stage, "-q", cache=root / "c"))
+        memory[stage] = {"peak_rss": rss, "ratio_to_fp32": round(rss / fp32, 2)}
+    bare_rss = peak_rss([sys.executable, str(BENCH / "bare_modelopt.py"), "fp8", str(root / "bare2"),
+                         str(options.samples), str(options.seq_len)])
+    memory["bare_modelopt"] = {"peak_rss": bare_rss, "ratio_to_fp32": round(bare_rss / fp32, 2)}
+    results["memory"] = memory
+    return results
+
+
+def last_event(stdout: str) -> dict:
+    """The run_end line of `quantpipe run --json`."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def stage_of(stdout: str, name: str) -> dict:
+    return next(s for s in last_event(stdout)["stages"] if s["stage"] == name)
+
+
+ENGINE_CELLS = (("fp8", "ada"), ("int8-sq", "ada"), ("int4-awq", "ada"), ("fp8", "blackwell-rtx"),
+                ("nvfp4", "blackwell-rtx"))
+
+
+def engines(root: Path, calib: list[str]) -> dict:
+    """TensorRT-RTX engines per format and target, a rebuild of each, and the fp16 engine of the same model."""
+    rows, load = {}, None
+    for preset, target in ENGINE_CELLS:
+        args = ["run", preset, "--set", f"target={target}", *calib, "--until", "build", "--json"]
+        _, out = timed(quantpipe(*args, cache=root / "e"))
+        build, load = stage_of(out, "build")["metadata"], stage_of(out, "load")["path"]
+        _, again = timed(quantpipe(*args, "--force", "build", cache=root / "e"))
+        rows[f"{preset}@{target}"] = {"engine_bytes": build["engine_bytes"], "build_s": build["build_seconds"],
+                                      "rebuild_s": stage_of(again, "build")["metadata"]["build_seconds"],
+                                      "sm": build["compute_capability"]}
+    for sm in (89, 120):
+        _, out = timed([sys.executable, str(BENCH / "fp16_engine.py"), load, str(sm), str(root / "fp16")])
+        fp16 = json.loads(out.strip().splitlines()[-1])
+        rows[f"fp16@sm_{sm}"] = {"engine_bytes": fp16["engine_bytes"], "build_s": fp16["build_seconds"],
+                                 "rebuild_s": None, "sm": fp16["compute_capability"]}
+    return rows
 
 
 def quality(root: Path, calib: list[str], options) -> dict:
     rows = {}
     for preset in options.formats.split(","):
         _, out = timed(quantpipe("run", preset, *calib, "--json", cache=root / "q"))
-        verify = next(s for s in json.loads(out.splitlines()[-1])["stages"] if s["stage"] == "verify")["metadata"]
+        verify = stage_of(out, "verify")["metadata"]
         _, bare_out = timed([sys.executable, str(BENCH / "bare_modelopt.py"), FORMATS[preset],
                                 str(root / f"bare-{preset}"), str(options.samples), str(options.seq_len)])
         bare = json.loads(bare_out.strip().splitlines()[-1])
@@ -115,9 +165,16 @@ def quality(root: Path, calib: list[str], options) -> dict:
 
 
 def render(r: dict) -> str:
+    header = ["# Benchmarks", "", f"Machine: {r['machine']}. Calibration: {r['calibration']}, FP8 unless noted.",
+              "Regenerate with `make bench` (or `python bench/run.py --sections engines` for one section)."]
+    return "\n".join([*header, *render_core(r), *render_quality(r), *render_engines(r)]) + "\n"
+
+
+def render_core(r: dict) -> list[str]:
+    if "overhead" not in r:
+        return []
     o, n, u = r["overhead"], r["noop"], r["reuse"]
-    lines = ["# Benchmarks", "", f"Machine: {r['machine']}. Calibration: {r['calibration']}, FP8 unless noted.",
-             "Regenerate with `make bench`.", "", "| measure | value | goal |", "| --- | --- | --- |",
+    lines = ["", "| measure | value | goal |", "| --- | --- | --- |",
              f"| cold pipeline / bare ModelOpt script | {o['quantpipe_s']} s / {o['bare_modelopt_s']} s = "
              f"**{o['ratio']}** | {o['goal']} |",
              f"| fully cached rerun | {n['wall_s']} s wall ({n['pipeline_s']} s pipeline work), "
@@ -130,6 +187,11 @@ def render(r: dict) -> str:
     lines += ["## Peak memory per stage (each in its own process)", "", "| stage | peak RSS | / fp32 weights |",
               "| --- | --- | --- |"]
     lines += [f"| {k} | {human_bytes(v['peak_rss'])} | {v['ratio_to_fp32']} |" for k, v in r["memory"].items()]
+    return lines
+
+
+def render_quality(r: dict) -> list[str]:
+    lines = []
     if "quality" in r:
         lines += ["", "## Quality against the unquantized model and against ModelOpt's default recipe", "",
                   "| preset | ppl ratio | agreement | verify | ppl quantpipe | ppl bare ModelOpt default | size / fp16 "
@@ -141,7 +203,21 @@ def render(r: dict) -> str:
             lines.append(f"| {preset} | {q['ppl_ratio']:.4f} | {q['agreement']:.1%} | "
                          f"{'pass' if q['passed'] else 'FAIL'} | {q['ppl_quantpipe']:.3f} | {bare} | {size:.2f} | "
                          f"{errors} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def render_engines(r: dict) -> list[str]:
+    if "engines" not in r:
+        return []
+    fp16 = {row["sm"]: row["engine_bytes"] for name, row in r["engines"].items() if name.startswith("fp16@")}
+    lines = ["", "## TensorRT-RTX engines (built here without a GPU) against the fp16 engine", "",
+             "| engine | compute capability | size | / fp16 engine | build | rebuild (persisted caches) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in r["engines"].items():
+        rebuild = f"{row['rebuild_s']} s" if row["rebuild_s"] is not None else ""
+        lines.append(f"| {name} | {row['sm']} | {human_bytes(row['engine_bytes'])} | "
+                     f"{row['engine_bytes'] / fp16[row['sm']]:.2f} | {row['build_s']} s | {rebuild} |")
+    return lines
 
 
 if __name__ == "__main__":

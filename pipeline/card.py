@@ -24,7 +24,7 @@ def render(facts: dict) -> str:
         f"| parallelism | tp {facts['tp']} x pp {facts['pp']} |",
         f"| size | {human_bytes(facts['bytes'])} ({facts['bytes'] / facts['fp16_bytes']:.2f}x of fp16 "
         f"{human_bytes(facts['fp16_bytes'])}) |",
-        f"| target | {facts['target']} |",
+        f"| target | {facts.get('target') or 'any: the checkpoint does not depend on the target GPU'} |",
     ]
     if facts.get("decisions"):
         lines += ["", "## Decisions", "", *(f"- {d}" for d in facts["decisions"])]

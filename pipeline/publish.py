@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline import card, host
 from pipeline.errors import BadInput
 from pipeline.recipe import Recipe
-from pipeline.store import Artifact
+from pipeline.store import Artifact, link, link_tree
 
 PROVENANCE = "build.json"
 REPORT_FILES = ("report.md", "report.json", "plot.png")
@@ -70,12 +70,12 @@ def _fill(staging: Path, recipe: Recipe, artifacts: dict[str, Artifact], keys: d
     staging.mkdir(parents=True)
     export, verify = artifacts["export"], artifacts.get("verify")
     for fmt in export.metadata["formats"]:
-        _link_tree(export / fmt, staging / fmt)
+        link_tree(export / fmt, staging / fmt)
     if "build" in artifacts:
-        _link_tree(artifacts["build"].path, staging / "engine", skip=("manifest.json",))
+        link_tree(artifacts["build"].path, staging / "engine", skip=("manifest.json",))
     if verify is not None:
         for name in REPORT_FILES:
-            _link(verify / name, staging / name)
+            link(verify / name, staging / name)
         facts = card.facts(recipe, artifacts)
         quality = {"ppl_ratio": verify.metadata["ppl_ratio"], "agreement": verify.metadata["agreement"],
                    "ppl_ratio_max": verify.metadata["thresholds"]["ppl_ratio_max"],
@@ -100,15 +100,3 @@ def _swap_in(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    for file in src.rglob("*"):
-        if file.is_file() and file.name not in skip:
-            _link(file, dst / file.relative_to(src))
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

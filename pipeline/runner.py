@@ -167,7 +167,7 @@ def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str
         def build(out: Path) -> dict:
             tool_cache = store.root / "tools" / name
             tool_cache.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track)
+            ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track, store)
             return step.stage.run(ctx)
 
         return store.write(name, step.key, build, step.record), "built"

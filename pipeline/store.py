@@ -61,6 +61,23 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(part, path)
 
 
+def link(src: Path, dst: Path) -> None:
+    """Hard-link a stored file (same bytes, no copy; artifacts are never edited in place); copy across devices."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """link() every file under `src` into `dst`, keeping relative paths, except files named in `skip`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for file in src.rglob("*"):
+        if file.is_file() and file.name not in skip:
+            link(file, dst / file.relative_to(src))
+
+
 def _no_space(exc: BaseException) -> bool:
     """Writers report a full disk as OSError(ENOSPC) or, like safetensors, only in their message."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -263,6 +280,14 @@ class ArtifactStore:
                 except (OSError, ValueError):
                     manifest = {}
                 yield Artifact(stage_dir.name, path.name, path, manifest)
+
+    def find(self, stage: str, matches: Callable[[dict], bool]) -> Artifact | None:
+        """An intact local artifact of `stage` whose manifest satisfies `matches` (for reusing parts of one)."""
+        for candidate in self.artifacts():
+            if candidate.stage == stage and candidate.manifest and matches(candidate.manifest):
+                if (artifact := self.get(stage, candidate.key)) is not None:
+                    return artifact
+        return None
 
     def remove(self, artifact: Artifact) -> None:
         with self.lock(artifact.stage, artifact.key):

@@ -13,10 +13,13 @@ from pipeline import matrix
 from pipeline.errors import BadInput, UnsupportedOnTarget
 from tests.conftest import TINY
 
+# 4 x 64 calibration tokens keep CI fast but leave INT8-SQ far from its quality (ppl ratio ~2 instead of 1.08 with
+# the preset's 32 x 256): this test is about scheduling, so its thresholds only catch a broken artifact.
 CI_MATRIX = {
     "name": "ci",
     "base": "default",
-    "set": {**{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in TINY)}, "export.formats": ["onnx"]},
+    "set": {**{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in TINY)}, "export.formats": ["onnx"],
+            "verify.ppl_ratio_max": 3.0, "verify.gen_agreement_min": 0.2},
     "axes": {"formats": ["fp8", "int8-sq"], "targets": ["ada", "blackwell-rtx"]},
 }
 

@@ -51,6 +51,19 @@ def test_tensor_parallel_export_reuses_the_calibration(run_preset):
     assert shard["transformer.layers.0.attention.qkv.weight"].shape == (320, 576)  # 960 rows / 3
 
 
+def test_adding_an_export_format_links_the_formats_already_exported(run_preset):
+    first = run_preset("fp8", "export.formats=[trtllm]").outcomes[-1].artifact
+    run_preset("fp8", "export.formats=[trtllm]", "export.tp=3")  # another trtllm part in the store
+    more = run_preset("fp8", "export.formats=[trtllm,hf]").outcomes[-1].artifact
+    assert "trtllm" in more.metadata["reused"], "the trtllm checkpoint was exported already"
+    assert more.metadata["parts"]["trtllm"] == first.metadata["parts"]["trtllm"]
+    for name in ("rank0.safetensors", "config.json"):
+        assert (more / "trtllm" / name).stat().st_ino == (first / "trtllm" / name).stat().st_ino
+    assert "any: the checkpoint does not depend on the target GPU" in (more / "hf" / "README.md").read_text()
+    resharded = run_preset("fp8", "export.formats=[trtllm]", "export.tp=3").outcomes[-1].artifact
+    assert resharded.metadata["parts"]["trtllm"] != first.metadata["parts"]["trtllm"]
+
+
 def test_verify_reports_real_numbers_and_is_a_cache_hit(run_preset, real_store):
     result = run_preset("fp8", until="verify")
     verify = result.outcomes[-1].artifact

@@ -32,6 +32,7 @@ class StageContext:
     out: Path
     tool_cache: Path  # persists across builds (e.g. TensorRT timing caches): speed only, never an input's identity
     track: Callable[..., Iterable] = field(default=_no_progress)
+    store: ArtifactStore | None = None  # for stages that reuse verified parts of other artifacts of their own kind
 
     def input(self, stage: str) -> Artifact:
         return self.inputs[stage]

@@ -1,11 +1,13 @@
 """export: the deployable checkpoints. `hf` is the unified Hugging Face checkpoint from quantize; `trtllm` is the
-TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) sharded for tp x pp. Both get the tokenizer, the
-generation config and a model card. Keyed on the quantized artifacts and export fields only: never recalibrates."""
+TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) sharded for tp x pp; `onnx` the Q/DQ decoder. Each gets
+the tokenizer, the generation config and a model card. Keyed on the quantized artifacts and export fields only:
+never recalibrates. Each format also has its own part key (its inputs and only the fields it reads), so adding a
+format to a recipe links the formats already exported elsewhere in the store instead of exporting them again."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.quantize import CHECKPOINT
+from pipeline.store import link_tree
 
 ONNX_FILE = "model.onnx"
 ONNX_MODULES = ("onnx_graphsurgeon", "onnxconverter_common", "onnxruntime")  # ModelOpt's ONNX exporters need them
@@ -47,12 +50,18 @@ class Export(Stage):
         loaded, calibrated, quantized = ctx.input("load"), ctx.input("calibrate"), ctx.input("quantize")
         spec = ctx.recipe.export
         _check_parallelism(loaded.metadata, spec.tp, spec.pp)
-        written = {}
+        parts = {fmt: self.part_key(ctx, fmt) for fmt in spec.formats}
+        written, reused = {}, []
         for fmt in spec.formats:
             target = ctx.out / fmt
+            if (earlier := self._exported_part(ctx, fmt, parts[fmt])) is not None:
+                link_tree(earlier.path / fmt, target, skip=("README.md",))
+                written[fmt] = earlier.metadata["formats"][fmt]
+                reused.append(fmt)
+                continue
             details = {}
             if fmt == "hf":
-                _link_tree(quantized / CHECKPOINT, target)
+                link_tree(quantized / CHECKPOINT, target)
             elif fmt == "trtllm":
                 _export_trtllm(loaded.path / "model", calibrated.path, target, spec)
             else:
@@ -62,12 +71,31 @@ class Export(Stage):
                     shutil.copy2(loaded / "model" / name, target / name)
             written[fmt] = {"bytes": _weights_bytes(target), "files": sorted(p.name for p in target.iterdir()),
                             "quant_algo": _quant_algo(target), **details}
-        facts = card.facts(ctx.recipe, {"load": loaded, "calibrate": calibrated})
+        # The target GPU is not part of this artifact's key, so its cards leave it out (publish adds it).
+        facts = {**card.facts(ctx.recipe, {"load": loaded, "calibrate": calibrated}), "target": None}
         for fmt, info in written.items():
-            (ctx.out / fmt / "README.md").write_text(card.render({**facts, **card.sharding(ctx.recipe, fmt),
-                                                                  "bytes": info["bytes"],
-                                                                  "artifact": f"{fmt} checkpoint"}))
-        return {"formats": written, "fp16_bytes": loaded.metadata["parameters"] * 2, "tp": spec.tp, "pp": spec.pp}
+            readme = ctx.out / fmt / "README.md"
+            readme.unlink(missing_ok=True)  # never write through a hard link into another artifact
+            readme.write_text(card.render({**facts, **card.sharding(ctx.recipe, fmt), "bytes": info["bytes"],
+                                           "artifact": f"{fmt} checkpoint"}))
+        return {"formats": written, "fp16_bytes": loaded.metadata["parameters"] * 2, "tp": spec.tp, "pp": spec.pp,
+                "parts": parts, "reused": reused}
+
+    def part_key(self, ctx: StageContext, fmt: str) -> str:
+        """What one format's output depends on: the inputs, this stage's code and libraries, and the export fields
+        that format reads (the quantize input already covers export.dtype for hf)."""
+        spec = ctx.recipe.export
+        fields = {"trtllm": {"tp": spec.tp, "pp": spec.pp, "dtype": spec.dtype}}.get(fmt, {})
+        payload = {"format": fmt, "fields": fields, "inputs": {k: a.key for k, a in sorted(ctx.inputs.items())},
+                   "version": self.version, "code": self.code_hash(), "environment": self.environment(ctx.recipe)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    @staticmethod
+    def _exported_part(ctx: StageContext, fmt: str, part: str):
+        """An intact export artifact in the store that already holds this exact format output."""
+        if ctx.store is None:
+            return None
+        return ctx.store.find("export", lambda m: m.get("metadata", {}).get("parts", {}).get(fmt) == part)
 
 
 def _check_parallelism(model: dict, tp: int, pp: int) -> None:
@@ -101,16 +129,6 @@ def _export_onnx(model_dir: Path, calibration: Path, target: Path) -> dict:
     target.mkdir(parents=True)
     with library_prints():
         return onnx_export.export(model, target / ONNX_FILE)
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link the files of an upstream artifact (same content, no copy); copy across filesystems."""
-    dst.mkdir(parents=True)
-    for file in src.iterdir():
-        try:
-            os.link(file, dst / file.name)
-        except OSError:
-            shutil.copy2(file, dst / file.name)
 
 
 def _weights_bytes(folder: Path) -> int:
