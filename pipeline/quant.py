@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import hashlib
 import io
 import json
 import logging
@@ -217,10 +218,24 @@ def _canonical(value):
     return value
 
 
-def save_calibration(model, original_weights, out) -> dict:
+def weight_digests(model) -> dict[str, bytes]:
+    """A digest of every tensor before calibration: save_calibration then finds what calibration changed without
+    reading the original weights a second time (that read doubled the stage's peak memory)."""
+    return {name: _digest(tensor) for name, tensor in model.state_dict().items()}
+
+
+def _digest(tensor) -> bytes:
+    import torch
+
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def save_calibration(model, original_weights, out, before: dict[str, bytes]) -> dict:
     """Store what calibration added or changed: ModelOpt's mode state, the new tensors (amax, pre-quant scales),
     and changed weights only where replaying the smoothing from the stored scales does not reproduce them bit for
-    bit. No second copy of the weights."""
+    bit. No second copy of the weights: `before` (weight_digests) tells which ones changed, and only those are
+    read back from `original_weights` for the replay check."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -234,11 +249,13 @@ def save_calibration(model, original_weights, out) -> dict:
         stored_storage = {state[n].data_ptr() for n in known if n in state}
         for name, tensor in state.items():
             if name in known:
-                before = original.get_tensor(name)
-                if torch.equal(tensor, before):
+                if before.get(name) == _digest(tensor):
+                    continue
+                before_tensor = original.get_tensor(name)
+                if torch.equal(tensor, before_tensor):
                     continue
                 module = model.get_submodule(name.rsplit(".", 1)[0])
-                replay = _smoothed(before, module) if name.endswith(".weight") else None
+                replay = _smoothed(before_tensor, module) if name.endswith(".weight") else None
                 if replay is not None and torch.equal(replay, tensor):
                     rescaled.append(name)
                     continue

@@ -49,7 +49,7 @@ class Calibrate(Stage):
         import torch
 
         from pipeline.modeling import load_model
-        from pipeline.quant import library_prints, modelopt, plan_quantization, save_calibration
+        from pipeline.quant import library_prints, modelopt, plan_quantization, save_calibration, weight_digests
 
         spec, calib = ctx.recipe.quantization, ctx.recipe.calibration
         loaded = ctx.input("load")
@@ -65,11 +65,12 @@ class Calibrate(Stage):
                     m(batch)
 
         mtq, _ = modelopt()
+        before = weight_digests(model)
         started = time.time()
         with library_prints():
             mtq.quantize(model, plan.config, forward_loop)
         seconds = time.time() - started
-        saved = save_calibration(model, loaded / "model" / "model.safetensors", ctx.out)
+        saved = save_calibration(model, loaded / "model" / "model.safetensors", ctx.out, before)
         (ctx.out / "plan.json").write_text(json.dumps(
             {"config": plan.config, "decisions": plan.decisions, "quantized_layers": plan.quantized_layers,
              "excluded_layers": plan.excluded_layers}, indent=2, default=str))
