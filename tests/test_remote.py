@@ -3,7 +3,6 @@ committed artifacts, check what they download, and build each key once. Run on a
 moto is installed, on a local S3-compatible server."""
 
 import json
-import multiprocessing
 import shutil
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from pipeline.errors import HostLacks
 from pipeline.recipe import load_recipe
 from pipeline.remote import RemoteStore
 from pipeline.store import ArtifactStore
-from tests.toy_stages import calls, toy_chain
+from tests.toy_stages import calls, run_concurrently, toy_chain
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +116,8 @@ def _run_on_machine(local, remote_url, calls_file):
 
 def test_machines_racing_on_one_remote_build_each_key_once(tmp_path, remote_url):
     calls_file = tmp_path / "calls.txt"
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_run_on_machine, args=(tmp_path / f"m{i}", remote_url, calls_file)) for i in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    machines = [(tmp_path / f"m{i}", remote_url, calls_file) for i in range(2)]
+    assert run_concurrently(_run_on_machine, machines) == [0, 0]
     assert sorted(calls(calls_file)) == ["calibrate", "export", "load"]
 
 

@@ -1,14 +1,12 @@
 """Runner mechanics on toy stages: keys, hits, misses, partial invalidation, forcing, plans and concurrency."""
 
-import multiprocessing
-
 import pytest
 
 from pipeline import runner
 from pipeline.errors import BadInput, UnsupportedOnTarget
 from pipeline.recipe import load_recipe
 from pipeline.store import ArtifactStore
-from tests.toy_stages import calls, toy_chain
+from tests.toy_stages import calls, run_concurrently, toy_chain
 
 
 @pytest.fixture
@@ -99,11 +97,5 @@ def _run_in_process(cache, calls_file):
 
 
 def test_concurrent_identical_runs_build_each_stage_once(store, calls_file):
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_run_in_process, args=(store.root, calls_file)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert run_concurrently(_run_in_process, [(store.root, calls_file)] * 2) == [0, 0]
     assert sorted(calls(calls_file)) == ["calibrate", "export", "load"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.stages.base import Stage, StageContext
@@ -47,3 +49,14 @@ def toy_chain(calls_file: Path | None = None, delay: float = 0.0) -> tuple[Stage
 
 def calls(calls_file: Path) -> list[str]:
     return calls_file.read_text().split() if calls_file.exists() else []
+
+
+def run_concurrently(target: Callable, argument_lists: list[tuple]) -> list[int]:
+    """Start one forked process per argument tuple at once; their exit codes once all have finished."""
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=target, args=args) for args in argument_lists]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    return [p.exitcode for p in procs]
