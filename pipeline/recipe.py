@@ -134,6 +134,20 @@ class BuildSpec(Section):
     max_input_len: int = Field(512, ge=1)
     max_seq_len: int = Field(1024, ge=1)
     max_num_tokens: int = Field(2048, ge=1)
+    also_for: tuple[str, ...] = Field((), description="more GPUs one TensorRT-RTX engine must run on, e.g. "
+                                                      "[blackwell-rtx] beside an ada target")
+
+    @field_validator("also_for")
+    @classmethod
+    def _known_gpus(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(TargetSpec._known_gpu(value) for value in values)
+
+    @model_validator(mode="after")
+    def _several_only_for_rtx(self) -> BuildSpec:
+        if self.also_for and self.backend != "tensorrt-rtx":
+            raise ValueError("only a tensorrt-rtx engine holds several compute capabilities; "
+                             "set build.backend: tensorrt-rtx or remove build.also_for")
+        return self
 
 
 class VerifySpec(Section):

@@ -85,7 +85,8 @@ def _index(stages: tuple[Stage, ...], name: str) -> int:
 
 def check_target(recipe: Recipe) -> None:
     q = recipe.quantization
-    targets.check(recipe.target.gpu, q.format, q.kv_cache, recipe.build.backend)
+    for gpu in (recipe.target.gpu, *recipe.build.also_for):
+        targets.check(gpu, q.format, q.kv_cache, recipe.build.backend)
 
 
 def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),

@@ -64,6 +64,15 @@ def test_engine_key_follows_the_target_architecture(run_preset):
     assert np.frombuffer((rtx50[-1].artifact / ENGINE_FILE).read_bytes()[:4], np.uint8).tobytes() == ENGINE_MAGIC
 
 
+def test_one_engine_for_ada_and_blackwell_rtx(run_preset):
+    outcomes = run_preset("fp8", "build.also_for=[blackwell-rtx]", until="build").outcomes
+    build = outcomes[-1].artifact
+    assert build.metadata["compute_capability"] == "SM89,SM120"
+    assert (build / ENGINE_FILE).read_bytes()[:4] == ENGINE_MAGIC
+    single = run_preset("fp8", until="build").outcomes
+    assert [o.key for o in outcomes[:-1]] == [o.key for o in single[:-1]] and outcomes[-1].key != single[-1].key
+
+
 def test_nvfp4_engine_for_blackwell_rtx_from_fp4_onnx(run_preset, tmp_path):
     from pipeline.dequant import onnx_fp4_weights
     from pipeline.modeling import load_model

@@ -41,6 +41,8 @@ def test_auto_algorithm_and_block_size_follow_the_format():
         (["target=sm_70"], "target.gpu: unknown GPU 'sm_70'"),
         (["name=../../etc"], "name: String should match pattern"),
         (["calibration"], "must look like section.field=value"),
+        (["build.also_for=[volta]"], "build.also_for: unknown GPU 'volta'"),
+        (["build.backend=trtllm", "build.also_for=[ada]"], "only a tensorrt-rtx engine holds several"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
@@ -63,3 +65,12 @@ def test_yaml_file_errors(tmp_path):
         load_recipe(str(tmp_path / "missing.yaml"))
     with pytest.raises(BadInput, match="unknown preset 'fp9' \\(did you mean 'fp8'\\?\\)"):
         load_recipe("fp9")
+
+
+def test_an_engine_for_several_gpus_is_checked_against_each():
+    from pipeline.errors import UnsupportedOnTarget
+    from pipeline.runner import check_target
+
+    assert load_recipe("fp8", ["build.also_for=[blackwell-rtx, ada]"]).build.also_for == ("sm_120", "sm_89")
+    with pytest.raises(UnsupportedOnTarget, match="'tensorrt-rtx' does not run on hopper"):
+        check_target(load_recipe("fp8", ["build.also_for=[hopper]"]))

@@ -50,8 +50,9 @@ class TensorRTRTX:
         from pipeline.stages.export import ONNX_FILE
 
         model = AutoConfig.from_pretrained(ctx.input("load") / "model")
+        gpus = dict.fromkeys((ctx.recipe.target.gpu, *ctx.recipe.build.also_for))  # ordered, no repeats
         engine, metadata = compile_engine(ctx.input("export") / "onnx" / ONNX_FILE, model, ctx.recipe.build,
-                                          int(ctx.recipe.target.gpu.removeprefix("sm_")))
+                                          [int(gpu.removeprefix("sm_")) for gpu in gpus])
         (ctx.out / ENGINE_FILE).write_bytes(engine)
         (ctx.out / "engine.json").write_text(json.dumps(
             {"compute_capability": metadata["compute_capability"], "profile": metadata["profile"],
@@ -59,8 +60,8 @@ class TensorRTRTX:
         return metadata
 
 
-def compile_engine(onnx_path: Path, model_config, spec, sm: int) -> tuple[bytes, dict]:
-    """Parse the ONNX decoder and build a serialized engine for one compute capability (no GPU needed)."""
+def compile_engine(onnx_path: Path, model_config, spec, sms: list[int]) -> tuple[bytes, dict]:
+    """Parse the ONNX decoder and build one serialized engine that runs on each of `sms` (no GPU needed)."""
     import tensorrt_rtx as trt
 
     from pipeline.onnx_export import kv_shape
@@ -82,15 +83,16 @@ def compile_engine(onnx_path: Path, model_config, spec, sm: int) -> tuple[bytes,
     for name in ("past_key", "past_value"):
         profile.set_shape(name, *[(layers_n, b, kv_heads, p, head_dim) for b, p in zip(batch, past)])
     config.add_optimization_profile(profile)
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(getattr(trt.ComputeCapability, CAPABILITIES[sm]), 0)
+    config.num_compute_capabilities = len(sms)
+    for index, sm in enumerate(sms):
+        config.set_compute_capability(getattr(trt.ComputeCapability, CAPABILITIES[sm]), index)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT-RTX returned no engine; rerun with -vv for the builder log")
     engine = bytes(memoryview(serialized))
     checks = ["ONNX parsed", "engine serialized", f"header magic {ENGINE_MAGIC!r}: {engine[:4] == ENGINE_MAGIC}"]
     return engine, {"backend": "tensorrt-rtx", "tensorrt_rtx": trt.__version__,
-                    "compute_capability": CAPABILITIES[sm], "engine_bytes": len(engine),
+                    "compute_capability": ",".join(CAPABILITIES[sm] for sm in sms), "engine_bytes": len(engine),
                     "build_seconds": round(time.time() - started, 2),
                     "profile": {"batch": batch, "new_tokens": seq, "past_tokens": past}, "quantize_layers": layers,
                     "checks": checks, "not_checked": "running the engine needs an RTX-class GPU of its architecture"}
