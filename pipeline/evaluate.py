@@ -60,7 +60,11 @@ def agreement(model, prompts: list[torch.Tensor], reference: list[list[int]]) ->
 
 @torch.no_grad()
 def logit_parity(model_a, model_b, window: torch.Tensor) -> dict:
-    a = model_a(window[None]).logits.double().flatten()
-    b = model_b(window[None]).logits.double().flatten()
+    return compare_logits(model_a(window[None]).logits, model_b(window[None]).logits)
+
+
+def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Largest absolute difference and cosine similarity of two sets of logits."""
+    a, b = a.double().flatten(), b.double().flatten()
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
     return {"max_abs_error": round((a - b).abs().max().item(), 5), "cosine": round(cosine, 6)}

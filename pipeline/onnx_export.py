@@ -328,7 +328,26 @@ def qdq_histogram(path: Path) -> dict:
     return dict(counts)
 
 
-class OrtDecoder:
+class StepDecoder:
+    """A runtime for the exported decoder graph (onnxruntime, or a TensorRT-RTX engine): subclasses map
+    (input_ids, attention_mask, past_key, past_value) numpy arrays to (logits, present_key, present_value)."""
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, past_key: np.ndarray, past_value: np.ndarray):
+        raise NotImplementedError
+
+    def prefill_then_decode(self, config, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, list[int]]:
+        """Logits of the prompt (past length 0), then `steps` greedy tokens fed back one by one through the cache."""
+        empty = np.zeros(kv_shape(config, 1, 0), np.float32)
+        logits, key, value = self(prompt[None], np.ones((1, len(prompt))), empty, empty)
+        prompt_logits, tokens = logits[0], []
+        for _ in range(steps):
+            tokens.append(int(logits[0, -1].argmax()))
+            mask = np.ones((1, key.shape[3] + 1))
+            logits, key, value = self(np.array([[tokens[-1]]]), mask, key, value)
+        return prompt_logits, tokens
+
+
+class OrtDecoder(StepDecoder):
     """The exported decoder in onnxruntime on CPU."""
 
     def __init__(self, path: Path, threads: int = 0) -> None:
@@ -345,15 +364,3 @@ class OrtDecoder:
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
                  "past_key": past_key.astype(np.float32), "past_value": past_value.astype(np.float32)}
         return self.session.run(OUTPUTS, feeds)
-
-    def prefill_then_decode(self, config, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, list[int]]:
-        """Logits of the prompt (past length 0), then `steps` greedy tokens fed back one by one through the cache."""
-        empty = np.zeros(kv_shape(config, 1, 0), np.float32)
-        logits, key, value = self(prompt[None], np.ones((1, len(prompt))), empty, empty)
-        prompt_logits, tokens = logits[0], []
-        for _ in range(steps):
-            tokens.append(int(logits[0, -1].argmax()))
-            mask = np.ones((1, key.shape[3] + 1))
-            logits, key, value = self(np.array([[tokens[-1]]]), mask, key, value)
-        return prompt_logits, tokens
-

@@ -35,6 +35,7 @@ def markdown(r: dict) -> str:
         elif fmt == "onnx":
             lines.append(f"| onnx in onnxruntime: top-1 agreement / cosine / ppl vs calibrated model | "
                          f"{e['agreement']:.1%} / {e['cosine']:.4f} / {e['ppl']:.3f} | >= {t['agreement_min']:.0%} |")
+            lines.append(f"| onnx decode speed in onnxruntime on this host's CPU | {e['tokens_per_second']} tokens/s | |")
             lines.append(f"| onnx KV-cache decode steps matching a full recompute | {e['kv_cache_steps_match']:.0%} "
                          f"| 100% |")
         elif e["parity"]:

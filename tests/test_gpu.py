@@ -40,3 +40,17 @@ def test_doctor_reports_the_gpu_architecture(tmp_path):
     doctor = json.loads(subprocess.run([sys.executable, "-m", "pipeline", "doctor", "--json", "--cache-dir",
                                         str(tmp_path)], capture_output=True, text=True, check=True).stdout)
     assert doctor["gpus"] and doctor["gpus"][0]["sm"] == _target()
+
+
+RTX_GPUS = [g for g in GPUS if g.sm in (89, 120, 121)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not RTX_GPUS, reason=f"needs an sm_89/sm_120 GPU for TensorRT-RTX engines; found "
+                                         f"{[f'{g.name} (sm_{g.sm})' for g in GPUS] or 'none'}")
+def test_tensorrt_rtx_engine_runs_and_is_verified_on_its_gpu(run_preset):
+    result = run_preset("fp8", f"target=sm_{RTX_GPUS[0].sm}", until="verify")
+    verify = result.outcomes[-1].artifact.metadata
+    assert verify["engine_run"] is not None, verify["engine"]
+    assert verify["engine_run"]["tokens_per_second"] > 0 and verify["engine_run"]["kv_cache_steps_match"] == 1.0
+    assert "ran on" in verify["engine"]

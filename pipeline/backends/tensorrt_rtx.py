@@ -98,6 +98,56 @@ def compile_engine(onnx_path: Path, model_config, spec, sms: list[int]) -> tuple
                     "checks": checks, "not_checked": "running the engine needs an RTX-class GPU of its architecture"}
 
 
+def engine_decoder(path: Path):
+    """The engine at `path` as a StepDecoder on this host's GPU (torch CUDA tensors in and out)."""
+    import tensorrt_rtx as trt
+    import torch
+
+    from pipeline.onnx_export import OUTPUTS, StepDecoder
+
+    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT64: torch.int64,
+              trt.DataType.INT32: torch.int32}
+
+    class EngineDecoder(StepDecoder):
+        def __init__(self) -> None:
+            self.engine = trt.Runtime(_trt_logger()).deserialize_cuda_engine(path.read_bytes())
+            if self.engine is None:
+                raise RuntimeError(f"TensorRT-RTX could not load {path} on this GPU; rerun with -vv for its log")
+            self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream()
+
+        def __call__(self, ids, mask, past_key, past_value):
+            feeds = {"input_ids": ids, "attention_mask": mask, "past_key": past_key, "past_value": past_value}
+            held = []  # keep every device buffer alive until the engine has run
+            for name, array in feeds.items():
+                tensor = torch.as_tensor(array).to("cuda", dtypes[self.engine.get_tensor_dtype(name)]).contiguous()
+                self.context.set_input_shape(name, tuple(tensor.shape))
+                held.append(tensor if tensor.numel() else torch.empty(1, dtype=tensor.dtype, device="cuda"))
+                self.context.set_tensor_address(name, held[-1].data_ptr())
+            outputs = {}
+            for name in OUTPUTS:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outputs[name] = torch.empty(shape, dtype=dtypes[self.engine.get_tensor_dtype(name)], device="cuda")
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT-RTX engine execution failed; rerun with -vv for its log")
+            self.stream.synchronize()
+            return tuple(outputs[name].float().cpu().numpy() for name in OUTPUTS)
+
+    return EngineDecoder()
+
+
+def runnable_here(build_metadata: dict) -> str | None:
+    """The name of a GPU on this host the engine was built for, when the runtime can use it; else None."""
+    if not host.has_module("tensorrt_rtx") or not host.has_module("torch"):
+        return None
+    import torch
+
+    built_for = set(build_metadata.get("compute_capability", "").split(","))
+    match = next((g for g in host.gpus() if f"SM{g.sm}" in built_for), None)
+    return f"{match.name} (sm_{match.sm})" if match and torch.cuda.is_available() else None
+
+
 def _quantize_layers(network) -> dict:
     """The network's Q/DQ layers by type and data types: proof the low precision reached TensorRT."""
     counts = collections.Counter()

@@ -102,6 +102,8 @@ class Verify(Stage):
             if result["parity"] and result["parity"]["cosine"] < limits["parity_cosine_min"]:
                 failures.append(f"{fmt}: logit cosine {result['parity']['cosine']:.4f} < "
                                 f"{limits['parity_cosine_min']}")
+        engine_status, engine_run = _check_engine(ctx.inputs.get("build"), recipe, quantized, windows, limits)
+        failures += [f"engine: {p}" for p in (engine_run or {}).get("problems", [])]
         ratio = ppl_quantized / ppl_original
         if ratio > limits["ppl_ratio_max"]:
             failures.append(f"perplexity ratio {ratio:.3f} > {limits['ppl_ratio_max']}")
@@ -117,7 +119,7 @@ class Verify(Stage):
             "generations": [{"prompt": p, "original": tokenizer.decode(a, skip_special_tokens=True),
                              "quantized": tokenizer.decode(b, skip_special_tokens=True)}
                             for p, a, b in zip(spec.prompts, texts_original, texts_quantized)],
-            "engine": _engine_status(ctx.inputs.get("build"), recipe),
+            "engine": engine_status, "engine_run": engine_run,
             "sizes": {fmt: info["bytes"] for fmt, info in exported.metadata["formats"].items()},
             "fp16_bytes": exported.metadata["fp16_bytes"],
         }
@@ -164,11 +166,7 @@ def _check_onnx(folder: Path, quantized, folded: list[str], original, windows, l
     perplexity against the calibrated model), then greedy steps through its KV cache against a full recompute.
     A graph with TensorRT-only ops (NVFP4's dynamic FP4 quantization) cannot run there: its weights are
     dequantized by hand and compared layer by layer instead, and the report says onnxruntime did not run it."""
-    import math
-
-    import numpy as np
     import onnx
-    import torch
 
     from pipeline.dequant import onnx_fp4_weights
     from pipeline.onnx_export import OrtDecoder
@@ -183,41 +181,62 @@ def _check_onnx(folder: Path, quantized, folded: list[str], original, windows, l
         return {"problems": problems, "bad_layers": bad, "layers": layers, "parity": None,
                 "onnxruntime": f"not run: {', '.join(trt_only)} only run in TensorRT; FP4 weights checked instead",
                 "max_layer_error": max((row["error"] for row in layers), default=None), "tolerance": tolerance}
-    window = windows[0][:128]
-    decoder = OrtDecoder(folder / ONNX_FILE)
-    ort_logits, steps = decoder.prefill_then_decode(quantized.config, window.numpy(), steps=3)
+    return _check_decoder(OrtDecoder(folder / ONNX_FILE), "onnxruntime", quantized, windows[0][:128], limits)
+
+
+def _check_decoder(decoder, runtime: str, quantized, window, limits: dict) -> dict:
+    """A prefill over held-out text through `decoder` (top-1 agreement, logit cosine and perplexity against the
+    calibrated model), then greedy steps through its KV cache against a full recompute, and the decode speed."""
+    import math
+    import time
+
+    import numpy as np
+    import torch
+
+    from pipeline.evaluate import compare_logits
+
+    logits, steps = decoder.prefill_then_decode(quantized.config, window.numpy(), steps=3)
+    started = time.perf_counter()
+    decoder.prefill_then_decode(quantized.config, window[:8].numpy(), steps=32)
+    tokens_per_second = 32 / (time.perf_counter() - started)  # one short prefill, then 32 single-token steps
     with torch.no_grad():
         reference = quantized(window[None]).logits[0].double()
         extended = torch.cat([window, torch.tensor(steps)])
         recomputed = quantized(extended[None]).logits[0, len(window) - 1:-1].argmax(-1).tolist()
-    ours = torch.from_numpy(ort_logits).double()
+    ours = torch.from_numpy(logits).double()
     agreement = (ours.argmax(-1) == reference.argmax(-1)).double().mean().item()
-    cosine = torch.nn.functional.cosine_similarity(ours.flatten(), reference.flatten(), dim=0).item()
     nll = torch.nn.functional.cross_entropy(ours[:-1], window[1:]).item()
     problems = []
     if agreement < limits["agreement_min"]:
-        problems.append(f"onnxruntime top-1 agreement {agreement:.2f} with the calibrated model < "
+        problems.append(f"{runtime} top-1 agreement {agreement:.2f} with the calibrated model < "
                         f"{limits['agreement_min']}")
     kv_match = float(np.mean([a == b for a, b in zip(steps, recomputed)]))
     if kv_match < 1.0:
-        problems.append(f"KV-cache decoding disagrees with a full recompute on {1 - kv_match:.0%} of steps")
+        problems.append(f"{runtime}: KV-cache decoding disagrees with a full recompute on {1 - kv_match:.0%} of steps")
     return {"problems": problems, "bad_layers": [], "layers": [], "parity": None, "agreement": round(agreement, 4),
-            "cosine": round(cosine, 6), "ppl": round(math.exp(nll), 4), "kv_cache_steps_match": kv_match,
-            "max_abs_error": round((ours - reference).abs().max().item(), 4)}
+            **compare_logits(ours, reference), "ppl": round(math.exp(nll), 4), "kv_cache_steps_match": kv_match,
+            "tokens_per_second": round(tokens_per_second, 1)}
 
 
-def _engine_status(build, recipe: Recipe) -> str:
-    """What verify can say about the engine: it is never claimed to pass without having run."""
-    from pipeline import host
+def _check_engine(build, recipe: Recipe, quantized, windows, limits: dict) -> tuple[str, dict | None]:
+    """Run the engine where this host has a GPU it was built for; otherwise say why not. An engine is never
+    claimed to pass without having run."""
+    from pipeline.backends.tensorrt_rtx import ENGINE_FILE, engine_decoder, runnable_here
     from pipeline.fmt import human_bytes
 
     if build is None:
-        return "no engine built (build.backend: none)"
-    size = human_bytes(build.metadata.get("engine_bytes", build.size))
-    arch = recipe.target.gpu
-    if not any(f"sm_{g.sm}" == arch for g in host.gpus()):
-        return f"{build.metadata['backend']} engine built ({size}); not run: no {arch} GPU on this host"
-    return f"{build.metadata['backend']} engine built ({size}); not run: quantpipe does not execute engines yet"
+        return "no engine built (build.backend: none)", None
+    backend, size = build.metadata["backend"], human_bytes(build.metadata.get("engine_bytes", build.size))
+    if backend != "tensorrt-rtx":
+        return f"{backend} build made ({size}); verified by its own warm-up on the build host, not here", None
+    gpu = runnable_here(build.metadata)
+    if gpu is None:
+        wanted = "/".join(f"sm_{cc.removeprefix('SM')}" for cc in build.metadata["compute_capability"].split(","))
+        return f"{backend} engine built ({size}); not run: no {wanted} GPU on this host", None
+    result = _check_decoder(engine_decoder(build / ENGINE_FILE), f"engine on {gpu}", quantized, windows[0][:128],
+                            limits)
+    return (f"{backend} engine ({size}) ran on {gpu}: top-1 agreement {result['agreement']:.1%}, cosine "
+            f"{result['cosine']:.4f}, {result['tokens_per_second']} tokens/s"), result
 
 
 def _config_problems(info: dict, model_config, recipe: Recipe) -> list[str]:
