@@ -158,7 +158,7 @@ def quality(root: Path, calib: list[str], options) -> dict:
         _, out = timed(quantpipe("run", preset, *calib, "--json", cache=root / "q"))
         verify = stage_of(out, "verify")["metadata"]
         _, bare_out = timed([sys.executable, str(BENCH / "bare_modelopt.py"), FORMATS[preset],
-                                str(root / f"bare-{preset}"), str(options.samples), str(options.seq_len)])
+                             str(root / f"bare-{preset}"), str(options.samples), str(options.seq_len), "--ppl"])
         bare = json.loads(bare_out.strip().splitlines()[-1])
         rows[preset] = {"ppl_ratio": verify["ppl_ratio"], "agreement": verify["agreement"],
                         "passed": verify["passed"], "sizes": verify["sizes"], "fp16_bytes": verify["fp16_bytes"],
