@@ -1,4 +1,5 @@
 # quantpipe: thin wrappers. The pipeline's own cache decides what to skip; make only sets up and dispatches.
+# Run targets are not echoed, so `make matrix ARGS=--json > events.jsonl` holds JSON only and cron logs stay quiet.
 PYTHON  ?= python3
 VENV    ?= .venv
 RECIPE  ?= default
@@ -24,13 +25,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(QP) run $(RECIPE) $(ARGS)
+	@$(QP) run $(RECIPE) $(ARGS)
 
 engine: $(STAMP)
-	$(QP) run $(FORMAT) --set target=$(TARGET) $(if $(MODEL),--set model.source=$(MODEL)) $(ARGS)
+	@$(QP) run $(FORMAT) --set target=$(TARGET) $(if $(MODEL),--set model.source=$(MODEL)) $(ARGS)
 
 matrix: $(STAMP)
-	$(QP) matrix $(MATRIX) $(ARGS)
+	@$(QP) matrix $(MATRIX) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
