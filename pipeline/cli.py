@@ -264,7 +264,7 @@ def ls_command(store: ArtifactStore, as_json: bool, stage: str | None) -> None:
     """List the artifacts in the store."""
     rows = [{"stage": a.stage, "key": a.key, "bytes": a.size, "created": a.manifest.get("created"),
              "path": str(a.path), "intact": bool(a.manifest)}
-            for a in store.artifacts() if stage in (None, a.stage)]
+            for a in store.artifacts(stage)]
 
     def render() -> None:
         table = Table(title=f"artifacts in {store.root}", title_justify="left")

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from pipeline import host, runner
-from pipeline.errors import BadInput, QuantpipeError, UnsupportedOnTarget
+from pipeline.errors import BadInput, QuantpipeError, UnsupportedOnTarget, VerificationFailed
 from pipeline.recipe import NAME_PATTERN, Format, Recipe, Section, describe_error, load_recipe, parse_yaml, presets
 from pipeline.store import ArtifactStore, write_json_atomic
 
@@ -154,17 +154,19 @@ def run_local(cells: list[Cell], store: ArtifactStore, engines_dir: Path, emit: 
     """Cells in order; a failing cell is recorded and the rest still run (a nightly build reports all of them)."""
     results = []
     for cell in cells:
-        try:
-            result = runner.run(cell.recipe, store, reporter=reporter_for(cell), engines_dir=engines_dir)
-        except QuantpipeError as exc:
-            results.append(CellResult(cell, False, exc.exit_code, str(exc)))
-            emit({"event": "cell_end", **results[-1].to_json()})
-            continue
-        failed = result.failure is not None
-        results.append(CellResult(cell, not failed, 5 if failed else 0, result.failure,
-                                  [o.to_json() for o in result.outcomes]))
+        results.append(_run_cell(cell, store, engines_dir, reporter_for(cell)))
         emit({"event": "cell_end", **results[-1].to_json()})
     return results
+
+
+def _run_cell(cell: Cell, store: ArtifactStore, engines_dir: Path, reporter: runner.Reporter) -> CellResult:
+    try:
+        result = runner.run(cell.recipe, store, reporter=reporter, engines_dir=engines_dir)
+    except QuantpipeError as exc:
+        return CellResult(cell, False, exc.exit_code, str(exc))
+    failed = result.failure is not None
+    return CellResult(cell, not failed, VerificationFailed.exit_code if failed else 0, result.failure,
+                      [o.to_json() for o in result.outcomes])
 
 
 def write_summary(store: ArtifactStore, spec: MatrixSpec, executor: str, results: list[CellResult],

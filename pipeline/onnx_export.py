@@ -123,6 +123,7 @@ def export(model, path: Path) -> dict:
     import onnx
     from modelopt.onnx.export import FP8QuantExporter, INT4QuantExporter, NVFP4QuantExporter
     from modelopt.onnx.quantization.qdq_utils import replace_zero_scale_with_smallest_nonzero
+    from modelopt.onnx.utils import topologically_sort_graph_nodes
     from modelopt.torch.quantization.export_onnx import configure_linear_module_onnx_quantizers
 
     raw = path.with_suffix(".raw.onnx")
@@ -147,8 +148,10 @@ def export(model, path: Path) -> dict:
         graph = FP8QuantExporter.process_model(graph)
         _fp8_weights_as_torch(graph, model)
     if "nvfp4" in formats:
-        graph = _float_after_half_matmuls(NVFP4QuantExporter.process_model(graph))  # FP4 + FP8 scales, opset 23
+        graph = NVFP4QuantExporter.process_model(graph)  # FP4 weights + FP8 block scales, opset 23
+        _float_after_half_matmuls(graph)
         _static_fp4_blocks(graph, model)
+        topologically_sort_graph_nodes(graph.graph)  # both append nodes at the end
     if "int8" in formats:
         graph = _int8_weights(graph)  # ModelOpt 0.47's INT8 exporter leaves fp32 weights behind a Q/DQ pair
     for node in graph.graph.node:  # the FP8 exporter renames TRT ops but keeps their custom domain
@@ -196,7 +199,7 @@ def _fp8_weights_as_torch(graph, model) -> None:
         init.raw_data = np.ascontiguousarray(candidate).tobytes()
 
 
-def _float_after_half_matmuls(graph):
+def _float_after_half_matmuls(graph) -> None:
     """ModelOpt's NVFP4 exporter casts each FP4 MatMul's inputs to fp16, assuming an fp16 graph: cast its output
     back to fp32, so the rest of this fp32 graph (and its fp32 inputs and outputs) is unchanged."""
     import onnx
@@ -212,10 +215,6 @@ def _float_after_half_matmuls(graph):
         casts.append(onnx.helper.make_node("Cast", [half], [node.output[0]], to=onnx.TensorProto.FLOAT))
         node.output[0] = half
     graph.graph.node.extend(casts)
-    from modelopt.onnx import utils
-
-    utils.topologically_sort_graph_nodes(graph.graph)
-    return graph
 
 
 def _static_fp4_blocks(graph, model) -> None:
@@ -240,9 +239,6 @@ def _static_fp4_blocks(graph, model) -> None:
         pinned.append(onnx.helper.make_node("Reshape", [node.input[0], shape], [static], name=f"{node.name}/pin"))
         node.input[0] = static
     graph.graph.node.extend(pinned)
-    from modelopt.onnx import utils
-
-    utils.topologically_sort_graph_nodes(graph.graph)
 
 
 def _int8_weights(graph):

@@ -33,8 +33,7 @@ def published_keys(engines_dir: Path) -> set[str]:
 
 def destination(engines_dir: Path, model_name: str, recipe: Recipe) -> Path:
     """engines/<model>/<format>-<target>/, refusing any name that would land outside engines/."""
-    gpus = "+".join(dict.fromkeys((recipe.target.gpu, *recipe.build.also_for)))
-    parts = [_slug(model_name), f"{recipe.quantization.format}-{gpus}"]
+    parts = [_slug(model_name), f"{recipe.quantization.format}-{'+'.join(recipe.gpus)}"]
     root = Path(engines_dir).absolute()
     target = root.joinpath(*parts)
     if root not in target.resolve().parents:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from pipeline import runner
-from pipeline.errors import HostLacks, QuantpipeError
+from pipeline.errors import HostLacks, QuantpipeError, VerificationFailed
 from pipeline.fmt import parse_size
 from pipeline.matrix import Cell, CellResult, EventSink, MatrixSpec
 from pipeline.recipe import Recipe
@@ -50,7 +50,8 @@ def _stage_task(recipe_data: dict, stage: str, store_root: str, remote: str | No
         return {"ok": False, "exit_code": exc.exit_code, "error": str(exc), "stage": stage}
     outcome = result.outcomes[-1].to_json()
     if result.failure:
-        return {"ok": False, "exit_code": 5, "error": result.failure, "stage": stage, "outcome": outcome}
+        return {"ok": False, "exit_code": VerificationFailed.exit_code, "error": result.failure, "stage": stage,
+                "outcome": outcome}
     return {"ok": True, "exit_code": 0, "stage": stage, "outcome": outcome}
 
 

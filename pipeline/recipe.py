@@ -181,6 +181,11 @@ class Recipe(Section):
     def _target_shorthand(cls, data: Any) -> Any:
         return _expand_target(data)
 
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """Every GPU the build is for: the target, then build.also_for, without repeats."""
+        return tuple(dict.fromkeys((self.target.gpu, *self.build.also_for)))
+
     def field(self, dotted: str) -> Any:
         """The value at a dotted path such as 'calibration.samples' (as plain data)."""
         value: Any = self.model_dump(mode="json")

@@ -85,7 +85,7 @@ def _index(stages: tuple[Stage, ...], name: str) -> int:
 
 def check_target(recipe: Recipe) -> None:
     q = recipe.quantization
-    for gpu in (recipe.target.gpu, *recipe.build.also_for):
+    for gpu in recipe.gpus:
         targets.check(gpu, q.format, q.kv_cache, recipe.build.backend)
 
 

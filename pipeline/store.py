@@ -91,7 +91,6 @@ class Artifact:
     key: str
     path: Path
     manifest: dict
-    local: bool = True  # False: committed in the remote tier, not downloaded yet
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -166,14 +165,15 @@ class ArtifactStore:
             yield
 
     def peek(self, stage: str, key: str) -> Artifact | None:
-        """What `get` would return, without side effects (nothing discarded, downloaded or touched): for `plan`."""
+        """What `get` would return, without side effects (nothing discarded, downloaded or touched): for `plan`.
+        An artifact only in the remote tier comes with the local path `get` would pull it to."""
         path = self.path_for(stage, key)
         if path.is_dir():
             manifest, problem = self._check(path, stage, key, deep=False)
             if not problem:
                 return Artifact(stage, key, path, manifest)
         if self.remote and (manifest := self.remote.manifest(stage, key)) is not None:
-            return Artifact(stage, key, path, manifest, local=False)
+            return Artifact(stage, key, path, manifest)
         return None
 
     def get(self, stage: str, key: str, *, deep: bool = False) -> Artifact | None:
@@ -215,8 +215,12 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        for name in manifest["files"]:
+            _fsync(tmp / name)
         local = {k: v for k, v in manifest.items() if k != "remote"}
-        local["files"] = self._inventory(tmp)  # same hashes, this disk's mtimes
+        # pull checked every size and sha256 already; only the modification times are this disk's
+        local["files"] = {name: {**entry, "mtime_ns": (tmp / name).stat().st_mtime_ns}
+                          for name, entry in manifest["files"].items()}
         write_json_atomic(tmp / MANIFEST, local)
         final = self.path_for(stage, key)
         try:
@@ -267,12 +271,12 @@ class ArtifactStore:
             raise
         return Artifact(stage, key, final, manifest)
 
-    def artifacts(self) -> Iterator[Artifact]:
-        """Every artifact with a readable manifest (no deep check), for ls and gc."""
+    def artifacts(self, stage: str | None = None) -> Iterator[Artifact]:
+        """Every artifact (of one stage, when given) with a readable manifest (no deep check), for ls and gc."""
         if not self.root.is_dir():
             return
         for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if stage_dir.name in NOT_STAGES:
+            if stage_dir.name in NOT_STAGES or stage not in (None, stage_dir.name):
                 continue
             for path in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 try:
@@ -283,8 +287,8 @@ class ArtifactStore:
 
     def find(self, stage: str, matches: Callable[[dict], bool]) -> Artifact | None:
         """An intact local artifact of `stage` whose manifest satisfies `matches` (for reusing parts of one)."""
-        for candidate in self.artifacts():
-            if candidate.stage == stage and candidate.manifest and matches(candidate.manifest):
+        for candidate in self.artifacts(stage):
+            if candidate.manifest and matches(candidate.manifest):
                 if (artifact := self.get(stage, candidate.key)) is not None:
                     return artifact
         return None

@@ -50,9 +50,8 @@ class TensorRTRTX:
         from pipeline.stages.export import ONNX_FILE
 
         model = AutoConfig.from_pretrained(ctx.input("load") / "model")
-        gpus = dict.fromkeys((ctx.recipe.target.gpu, *ctx.recipe.build.also_for))  # ordered, no repeats
         engine, metadata = compile_engine(ctx.input("export") / "onnx" / ONNX_FILE, model, ctx.recipe.build,
-                                          [int(gpu.removeprefix("sm_")) for gpu in gpus])
+                                          [int(gpu.removeprefix("sm_")) for gpu in ctx.recipe.gpus])
         (ctx.out / ENGINE_FILE).write_bytes(engine)
         (ctx.out / "engine.json").write_text(json.dumps(
             {"compute_capability": metadata["compute_capability"], "profile": metadata["profile"],

@@ -61,8 +61,6 @@ class Verify(Stage):
         return "verification failed: " + "; ".join(metadata["failures"])
 
     def run(self, ctx: StageContext) -> dict:
-        import torch
-
         from pipeline import evaluate, report
         from pipeline.modeling import load_model
         from pipeline.quant import fold_weight_quantization, modelopt, restore_calibration
@@ -153,7 +151,7 @@ class Verify(Stage):
         plain.load_state_dict({k: v.to(state[k].dtype) for k, v in weights.items() if k in state}, strict=False)
         layers = _layer_errors(quantized, folded, original, weights, info)
         tolerance = LAYER_TOLERANCE[recipe.quantization.format]
-        bad = [{**row, "tolerance": tolerance} for row in layers if row["error"] > tolerance]
+        bad = _over_tolerance(layers, tolerance)
         return {"quant_algo": info["quant_algo"], "kv_cache_quant_algo": info["kv_cache_quant_algo"],
                 "group_size": info["group_size"], "problems": problems, "bad_layers": bad[:5], "layers": layers,
                 "parity": evaluate.logit_parity(plain, quantized, windows[0]),
@@ -176,7 +174,7 @@ def _check_onnx(folder: Path, quantized, folded: list[str], original, windows, l
                        if n.domain == "trt"})
     if trt_only:
         layers = _layer_errors(quantized, folded, original, onnx_fp4_weights(folder / ONNX_FILE), {"layout": "onnx"})
-        bad = [{**row, "tolerance": tolerance} for row in layers if row["error"] > tolerance]
+        bad = _over_tolerance(layers, tolerance)
         problems = [] if layers else ["no FP4 weights found in the ONNX"]
         return {"problems": problems, "bad_layers": bad, "layers": layers, "parity": None,
                 "onnxruntime": f"not run: {', '.join(trt_only)} only run in TensorRT; FP4 weights checked instead",
@@ -237,6 +235,10 @@ def _check_engine(build, recipe: Recipe, quantized, windows, limits: dict) -> tu
                             limits)
     return (f"{backend} engine ({size}) ran on {gpu}: top-1 agreement {result['agreement']:.1%}, cosine "
             f"{result['cosine']:.4f}, {result['tokens_per_second']} tokens/s"), result
+
+
+def _over_tolerance(layers: list[dict], tolerance: float) -> list[dict]:
+    return [{**row, "tolerance": tolerance} for row in layers if row["error"] > tolerance]
 
 
 def _config_problems(info: dict, model_config, recipe: Recipe) -> list[str]:
