@@ -226,7 +226,8 @@ def _check_engine(build, recipe: Recipe, quantized, windows, limits: dict) -> tu
         return "no engine built (build.backend: none)", None
     backend, size = build.metadata["backend"], human_bytes(build.metadata.get("engine_bytes", build.size))
     if backend != "tensorrt-rtx":
-        return f"{backend} build made ({size}); verified by its own warm-up on the build host, not here", None
+        warmed = " (the build loaded it and generated once)" if backend == "trtllm-pytorch" else ""
+        return f"{backend} build made ({size}){warmed}; not run by verify: it runs TensorRT-RTX engines only", None
     gpu = runnable_here(build.metadata)
     if gpu is None:
         wanted = "/".join(f"sm_{cc.removeprefix('SM')}" for cc in build.metadata["compute_capability"].split(","))
