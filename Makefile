@@ -1,16 +1,23 @@
 # quantpipe: thin wrappers. The pipeline's own cache decides what to skip; make only sets up and dispatches.
 # Run targets are not echoed, so `make matrix ARGS=--json > events.jsonl` holds JSON only and cron logs stay quiet.
-PYTHON  ?= python3
-VENV    ?= .venv
-RECIPE  ?= default
-FORMAT  ?= fp8
-TARGET  ?= ada
-MODEL   ?=
-ARGS    ?=
-MATRIX  ?= docs/nightly-matrix.yaml
+# Every run target writes its real exit code (make itself exits 2 on any failure) to STATUS_FILE as JSON:
+#   {"exit_code": 3, "error": "...", "run_record": "..."}; see docs/scheduling.md.
+# RECIPE: a preset (fp8, int4_awq, ...; `quantpipe targets` lists them) or a YAML file. FORMAT, TARGET and MODEL
+# (a quantization format, a target GPU, a model directory / GGUF file / hub id) override the recipe's when given.
+PYTHON      ?= python3
+VENV        ?= .venv
+RECIPE      ?= default
+FORMAT      ?=
+TARGET      ?=
+MODEL       ?=
+ARGS        ?=
+MATRIX      ?= docs/nightly-matrix.yaml
+STATUS_FILE ?= build/quantpipe-status.json
 
-QP      := $(VENV)/bin/quantpipe
-STAMP   := $(VENV)/.installed
+QP          := QUANTPIPE_STATUS_FILE=$(STATUS_FILE) $(VENV)/bin/quantpipe
+STAMP       := $(VENV)/.installed
+OVERRIDES    = $(if $(FORMAT),--set quantization.format=$(FORMAT)) $(if $(TARGET),--set target=$(TARGET)) \
+               $(if $(MODEL),--set model.source=$(MODEL))
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +35,7 @@ demo: $(STAMP)
 	@$(QP) run $(RECIPE) $(ARGS)
 
 engine: $(STAMP)
-	@$(QP) run $(FORMAT) --set target=$(TARGET) $(if $(MODEL),--set model.source=$(MODEL)) $(ARGS)
+	@$(QP) run $(RECIPE) $(OVERRIDES) $(ARGS)
 
 matrix: $(STAMP)
 	@$(QP) matrix $(MATRIX) $(ARGS)

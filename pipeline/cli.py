@@ -14,19 +14,50 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
-from pipeline import host, runner, targets
-from pipeline.errors import BadInput, QuantpipeError, VerificationFailed
+from pipeline import host, runner, runs, targets
+from pipeline.errors import BadInput, CellsFailed, QuantpipeError, VerificationFailed
 from pipeline.fmt import human_bytes, parse_age, parse_size
 from pipeline.publish import published_keys
 from pipeline.recipe import load_recipe, presets
 from pipeline.stages import NAMES, by_name
-from pipeline.store import ArtifactStore, gc
+from pipeline.store import ArtifactStore, gc, write_json_atomic
+
+class ReaderSafeStdout:
+    """stdout that outlives its reader: when a pipe's reader goes away (`quantpipe run --json | head`), further
+    output is dropped with one warning and the run goes on to finish, publish and write its record."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.reader_gone = stream, False
+
+    def write(self, text: str) -> int:
+        self._guard(self.stream.write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._guard(self.stream.flush)
+
+    def _guard(self, call: Callable, *args) -> None:
+        if self.reader_gone:
+            return
+        try:
+            call(*args)
+        except BrokenPipeError:
+            self.reader_gone = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # the interpreter's last flush too
+            logging.getLogger("pipeline").warning("standard output was closed by its reader; the run goes on "
+                                                  "and its record is written, further output is dropped")
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
 
 # Wide tables when output goes to a log file, not wrapped at 80 columns.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+out = Console(file=ReaderSafeStdout(sys.stdout), highlight=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "datasets", "safetensors", "onnx", "onnxruntime", "gguf",
              "tensorrt-rtx", "tensorrt-llm", "ray")
@@ -54,6 +85,21 @@ def _fail(exc: QuantpipeError) -> None:
     sys.exit(exc.exit_code)
 
 
+STATUS_FACTS = "quantpipe.status"  # click context meta key: what a command adds to the --status-file record
+
+
+def _status_facts(**facts) -> None:
+    click.get_current_context().meta.setdefault(STATUS_FACTS, {}).update(facts)
+
+
+def _write_status(path: Path | None, command: str, code: int, error: BaseException | None, **facts) -> None:
+    """The exit code and error where a scheduler reads them: `make` turns every failure into its own exit 2."""
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(path), {"command": command, "exit_code": code, "ok": code == 0,
+                                       "error": runner.one_line(error) if error else None, **facts})
+
+
 def _configure_logging(verbose: int) -> None:
     """Our warnings always show, other libraries' errors only (all of it at -vv): quiet on success. Off a
     terminal every record is one line."""
@@ -76,20 +122,32 @@ def common(func: Callable) -> Callable:
                   help="Shared store tier on an fsspec URL (file://, s3://, ...; default: $QUANTPIPE_REMOTE).")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
     @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+    @click.option("--status-file", type=click.Path(path_type=Path), default=None,
+                  help="Also write the exit code, error and run record path here as JSON (for make and schedulers; "
+                       "default: $QUANTPIPE_STATUS_FILE).")
     @functools.wraps(func)
-    def wrapper(cache_dir: Path | None, remote: str | None, as_json: bool, verbose: int, **kwargs):
+    def wrapper(cache_dir: Path | None, remote: str | None, as_json: bool, verbose: int, status_file: Path | None,
+                **kwargs):
         _configure_logging(verbose)
+        status_file = status_file or os.environ.get("QUANTPIPE_STATUS_FILE") or None
+        context = click.get_current_context()
+        facts = context.meta.setdefault(STATUS_FACTS, {})
         try:
             store = ArtifactStore(cache_dir or ArtifactStore.default_root(),
                                   remote=remote or os.environ.get("QUANTPIPE_REMOTE") or None)
             func(store=store, as_json=as_json, **kwargs)
-        except QuantpipeError as exc:
-            if as_json:
-                _event({"event": "error", "ok": False, "error": str(exc), "exit_code": exc.exit_code})
-            _fail(exc)
-        except KeyboardInterrupt:
-            err.print("quantpipe: interrupted; nothing half-written was kept, rerun to resume")
-            sys.exit(130)
+        except BaseException as exc:
+            code = runner.exit_code(exc)
+            _write_status(status_file, context.info_name, code, exc, **facts)
+            if as_json and not facts.get("error_reported"):
+                _event({"event": "error", "ok": False, "error": runner.one_line(exc), "exit_code": code})
+            if isinstance(exc, QuantpipeError):
+                _fail(exc)
+            if isinstance(exc, KeyboardInterrupt):
+                err.print("quantpipe: interrupted; nothing half-written was kept, rerun to resume")
+                sys.exit(130)
+            raise  # a bug: the traceback is what a report needs
+        _write_status(status_file, context.info_name, 0, None, **facts)
 
     return wrapper
 
@@ -127,20 +185,21 @@ def main() -> None:
 
 
 class ConsoleReporter(runner.Reporter):
-    """Progress bars on an interactive terminal; nothing otherwise (quiet for cron). With `events`, each stage's
-    start and end also go to stdout as JSON lines."""
+    """How a run shows itself: progress bars on an interactive terminal; off a terminal (make, cron) one line per
+    stage start and end on stderr; with `events`, JSON lines on stdout. `-q` silences all but errors."""
 
-    def __init__(self, enabled: bool, events: bool = False, recipe: str = "") -> None:
-        self.events, self.recipe = events, recipe
+    def __init__(self, progress: bool, events: bool = False, lines: bool = False, recipe: str = "") -> None:
+        self.events, self.lines, self.recipe = events, lines, recipe
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True,
-                                 disable=not enabled)
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+                                 transient=True, disable=not progress)
         self.task = None
 
     def stage_started(self, step: runner.Step) -> None:
         if not step.hit:
             self.task = self.progress.add_task(f"{step.stage.name}", total=None)
-        logging.getLogger("pipeline").info("%s: %s", step.stage.name, "hit" if step.hit else "running")
+            if self.lines:
+                err.print(f"quantpipe: {self.recipe}: {step.stage.name}: running ({'; '.join(step.reasons)})")
         if self.events:
             _event({"event": "stage_start", "recipe": self.recipe, "stage": step.stage.name, "key": step.key,
                     "status": "hit" if step.hit else "miss", "reasons": step.reasons})
@@ -148,6 +207,9 @@ class ConsoleReporter(runner.Reporter):
     def stage_finished(self, outcome: runner.Outcome) -> None:
         if self.events:
             _event({"event": "stage_end", "recipe": self.recipe, **outcome.to_json()})
+        if self.lines and outcome.status != "hit":
+            err.print(f"quantpipe: {self.recipe}: {outcome.stage}: {outcome.status} in {outcome.seconds:.1f} s, "
+                      f"{human_bytes(outcome.artifact.size)}: {by_name(outcome.stage).summary(outcome.artifact.metadata)}")
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
@@ -180,25 +242,43 @@ def run(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tupl
         force: tuple[str, ...], quiet: bool, engines_dir: Path | None) -> None:
     """Run the pipeline; stages whose artifact is cached are skipped."""
     parsed = load_recipe(recipe, list(overrides))
+    _status_facts(recipe=parsed.name, run_record=str(runs.latest_path(store, parsed.name)))
     started = time.time()
-    reporter = ConsoleReporter(enabled=err.is_terminal and not as_json and not quiet, events=as_json,
-                               recipe=parsed.name)
-    with reporter.progress:
-        result = runner.run(parsed, store, until=until, force=force, reporter=reporter,
-                            engines_dir=engines_dir or default_engines_dir())
+    reporter = ConsoleReporter(progress=err.is_terminal and not as_json and not quiet, events=as_json,
+                               lines=not err.is_terminal and not as_json and not quiet, recipe=parsed.name)
+    try:
+        with reporter.progress:
+            result = runner.run(parsed, store, until=until, force=force, reporter=reporter,
+                                engines_dir=engines_dir or default_engines_dir())
+    except BaseException as exc:
+        _end_run_events(as_json, {"ok": False, "recipe": parsed.name, "seconds": round(time.time() - started, 3)},
+                        exc)
+        raise
     seconds = time.time() - started
-    summary = {"ok": result.failure is None, "recipe": parsed.name, "seconds": round(seconds, 3),
-               "cache": str(store.root), "published": str(result.published) if result.published else None,
+    _status_facts(run_record=str(result.record), published=str(result.published) if result.published else None)
+    failure = VerificationFailed(result.failure) if result.failure else None
+    summary = {"ok": failure is None, "recipe": parsed.name, "seconds": round(seconds, 3), "cache": str(store.root),
+               "published": str(result.published) if result.published else None, "record": str(result.record),
                "stages": [o.to_json() for o in result.outcomes]}
-    if as_json:
-        failure = {"error": result.failure, "exit_code": VerificationFailed.exit_code} if result.failure else {}
-        _event({"event": "run_end", **summary, **failure})
-    elif not quiet or result.failure:
+    _end_run_events(as_json, summary, failure)
+    if not as_json and (not quiet or failure):
         out.print(_summary_table(result.outcomes, seconds))
         if result.published:
             out.print(f"published {result.published}")
-    if result.failure:
-        _fail(VerificationFailed(result.failure))
+    if failure:
+        raise failure
+
+
+def _end_run_events(as_json: bool, summary: dict, error: BaseException | None) -> None:
+    """End the --json stream the same way whatever happened: an error event when the run failed, then run_end."""
+    if not as_json:
+        return
+    if error is not None:
+        code, line = runner.exit_code(error), runner.one_line(error)
+        _event({"event": "error", "ok": False, "error": line, "exit_code": code})
+        summary = {**summary, "ok": False, "error": line, "exit_code": code}
+        _status_facts(error_reported=True)
+    _event({"event": "run_end", **summary})
 
 
 @main.command()
@@ -230,27 +310,26 @@ def plan(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tup
 @main.command()
 @common
 def status(store: ArtifactStore, as_json: bool) -> None:
-    """The cache: where it is, what it holds, and the last run of each recipe."""
+    """The cache: where it is, what it holds, and the last run of each recipe, failed runs with their reason."""
     artifacts = list(store.artifacts())
-    runs = []
-    for latest in sorted((store.root / "runs").glob("latest-*.json")):
-        try:
-            record = json.loads(latest.read_text())
-        except (OSError, ValueError):
-            continue
-        runs.append({"recipe": record["recipe"]["name"], "started": record["started"],
-                     "seconds": record["seconds"],
-                     "stages": {o["stage"]: o["status"] for o in record.get("outcomes", [])}})
+    last_runs = [{"recipe": r["recipe"]["name"], "started": r["started"], "seconds": r["seconds"],
+                  "ok": r.get("ok", True), "exit_code": r.get("exit_code", 0), "error": r.get("error"),
+                  "failed_stage": r.get("failed_stage"),
+                  "stages": {o["stage"]: o["status"] for o in r.get("outcomes", [])}}
+                 for r in runs.latest_records(store) if "recipe" in r]  # matrix summaries have cells instead
     data = {"cache": str(store.root), "artifacts": len(artifacts), "bytes": sum(a.size for a in artifacts),
-            "stale_temporaries": len(store.stale_temporaries()) if store.root.is_dir() else 0, "last_runs": runs}
+            "stale_temporaries": len(store.stale_temporaries()) if store.root.is_dir() else 0,
+            "last_runs": last_runs}
 
     def render() -> None:
         out.print(f"cache {data['cache']}: {data['artifacts']} artifacts, {human_bytes(data['bytes'])}")
         table = Table(title="last runs", title_justify="left")
-        for column in ("recipe", "started", "time", "stages"):
+        for column in ("recipe", "started", "time", "result", "stages"):
             table.add_column(column)
-        for r in runs:
-            table.add_row(r["recipe"], r["started"], f"{r['seconds']:.1f} s",
+        for r in last_runs:
+            result = "[green]ok[/]" if r["ok"] else (f"[red]exit {r['exit_code']}[/] "
+                                                      f"{r['failed_stage'] or 'before any stage'}: {r['error']}")
+            table.add_row(r["recipe"], r["started"], f"{r['seconds']:.1f} s", result,
                           " ".join(f"{k}:{v}" for k, v in r["stages"].items()))
         out.print(table)
 
@@ -337,19 +416,15 @@ def targets_command(store: ArtifactStore, as_json: bool) -> None:
 
 
 @main.command(name="report")
-@click.argument("runs", nargs=-1)
+@click.argument("names", nargs=-1, metavar="RUNS")
 @common
-def report_command(store: ArtifactStore, as_json: bool, runs: tuple[str, ...]) -> None:
+def report_command(store: ArtifactStore, as_json: bool, names: tuple[str, ...]) -> None:
     """Verification results of several runs side by side. RUNS are recipe names or run record files
     (default: the latest run of every recipe in the cache)."""
-    records = [p for r in runs for p in ([Path(r)] if Path(r).is_file() else [store.root / "runs" / f"latest-{r}.json"])]
-    records = records or sorted((store.root / "runs").glob("latest-*.json"))
+    records = [_read_record(Path(r) if Path(r).is_file() else runs.latest_path(store, r)) for r in names]
+    records = records or runs.latest_records(store)
     rows = []
-    for path in records:
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise BadInput(f"no run record {path}; run the recipe first or pass a runs/*.json file") from None
+    for record in records:
         verify = next((o["metadata"] for o in record.get("outcomes", []) if o["stage"] == "verify"), None)
         if verify is None:
             continue
@@ -371,6 +446,13 @@ def report_command(store: ArtifactStore, as_json: bool, runs: tuple[str, ...]) -
         out.print(table)
 
     _emit(as_json, rows, render)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise BadInput(f"no run record {path}; run the recipe first or pass a runs/*.json file") from None
 
 
 @main.command(name="matrix")
@@ -403,9 +485,11 @@ def matrix_command(store: ArtifactStore, as_json: bool, matrix_file: Path, execu
 
         results = run_ray(cells, spec, store, engines, emit, address)
     else:
-        reporters = {c.name: ConsoleReporter(enabled=False, events=as_json, recipe=c.name) for c in cells}
+        reporters = {c.name: ConsoleReporter(progress=False, events=as_json, lines=not as_json and not quiet
+                                             and not err.is_terminal, recipe=c.name) for c in cells}
         results = matrix.run_local(cells, store, engines, emit, reporter_for=lambda c: reporters[c.name])
     summary_file = matrix.write_summary(store, spec, executor, results, started)
+    _status_facts(matrix=spec.name, run_record=str(summary_file))
     failed = [r for r in results if not r.ok]
     if as_json:
         _event({"event": "matrix_end", "ok": not failed, "matrix": spec.name, "executor": executor,
@@ -414,9 +498,8 @@ def matrix_command(store: ArtifactStore, as_json: bool, matrix_file: Path, execu
     elif not quiet or failed:
         out.print(_matrix_table(results, time.time() - started, executor))
     if failed:
-        err.print(f"quantpipe: error: {len(failed)} of {len(results)} cells failed; first: {failed[0].cell.name}: "
-                  f"{failed[0].error} (summary: {summary_file})")
-        sys.exit(failed[0].exit_code)
+        raise CellsFailed(f"{len(failed)} of {len(results)} cells failed; first: {failed[0].cell.name}: "
+                          f"{failed[0].error} (summary: {summary_file})", failed[0].exit_code)
 
 
 def _matrix_table(results: list, seconds: float, executor: str) -> Table:

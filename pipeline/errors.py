@@ -31,3 +31,11 @@ class VerificationFailed(QuantpipeError):
     """An artifact missed a verification threshold."""
 
     exit_code = 5
+
+
+class CellsFailed(QuantpipeError):
+    """Cells of a build matrix failed; the process exits with the first failed cell's code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

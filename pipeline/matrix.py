@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
-from pipeline import host, runner
+from pipeline import host, runner, runs
 from pipeline.errors import BadInput, QuantpipeError, UnsupportedOnTarget, VerificationFailed
-from pipeline.recipe import NAME_PATTERN, Format, Recipe, Section, describe_error, load_recipe, parse_yaml, presets
-from pipeline.store import ArtifactStore, write_json_atomic
+from pipeline.recipe import (NAME_PATTERN, Format, Recipe, Section, canonical_format, describe_error, load_recipe,
+                             parse_yaml, presets)
+from pipeline.store import ArtifactStore
 
 EventSink = Callable[[dict], None]
 
@@ -37,6 +38,11 @@ class Axes(Section):
     targets: tuple[str, ...] = Field((), description="target GPUs (ada, hopper, sm_120, ...)")
     variants: dict[str, dict[str, Any]] = Field({}, description="named sets of dotted overrides, e.g. tp2")
 
+    @field_validator("formats")
+    @classmethod
+    def _one_spelling(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(canonical_format(v) for v in values)
+
 
 class MatrixSpec(Section):
     name: str = Field("matrix", pattern=NAME_PATTERN)
@@ -45,6 +51,11 @@ class MatrixSpec(Section):
     axes: Axes = Axes()
     exclude: tuple[dict[str, str | None], ...] = Field((), description="partial cells to leave out")
     resources: dict[str, StageResources] = Field({}, description="Ray resource requests per stage name")
+
+    @field_validator("exclude")
+    @classmethod
+    def _one_spelling(cls, rules: tuple[dict, ...]) -> tuple[dict, ...]:
+        return tuple({k: canonical_format(v) if k == "format" else v for k, v in rule.items()} for rule in rules)
 
 
 @dataclass(frozen=True)
@@ -171,14 +182,8 @@ def _run_cell(cell: Cell, store: ArtifactStore, engines_dir: Path, reporter: run
 
 def write_summary(store: ArtifactStore, spec: MatrixSpec, executor: str, results: list[CellResult],
                   started: float) -> Path:
-    """The matrix's run summary beside the per-recipe run records: runs/matrix-<name>-<time>.json and -latest.json."""
+    """The matrix's run summary beside the per-recipe run records (`latest-matrix-<name>.json`, see pipeline.runs)."""
     summary = {"matrix": spec.name, "executor": executor, "ok": all(r.ok for r in results),
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-               "seconds": round(time.time() - started, 3), "host": host.describe(),
+               "started": runs.stamp(started), "seconds": round(time.time() - started, 3), "host": host.describe(),
                "cells": [r.to_json() for r in results]}
-    runs = store.root / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    path = runs / f"matrix-{spec.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started))}.json"
-    write_json_atomic(path, summary)
-    write_json_atomic(runs / f"matrix-{spec.name}-latest.json", summary)
-    return path
+    return runs.write(store, f"matrix-{spec.name}", summary, started)

@@ -111,7 +111,7 @@ def library_prints() -> Iterator[None]:
 
 
 def _algorithm(spec: QuantizationSpec) -> str | dict:
-    name = spec.resolved_algorithm
+    name = spec.algorithm
     if name == "smoothquant":
         return {"method": "smoothquant", "alpha": spec.smoothquant_alpha}
     return name if name == "max" else {"method": name}
@@ -153,7 +153,7 @@ def plan_quantization(spec: QuantizationSpec, model) -> QuantPlan:
     disabled = _disabled_patterns(config)
     widths = {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
               and not any(fnmatch.fnmatch(f"{name}.weight_quantizer", p) for p in disabled)}
-    plan = QuantPlan(config, spec.resolved_block_size, sorted(widths))
+    plan = QuantPlan(config, spec.block_size, sorted(widths))
     if plan.block_size is not None:
         _fit_block_size(spec, plan, widths)
     return plan

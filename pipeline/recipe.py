@@ -58,6 +58,11 @@ ALGORITHM_FORMATS: dict[str, tuple[str, ...]] = {
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
+def canonical_format(name: Any) -> Any:
+    """Formats are spelled as ModelOpt spells them (int4_awq); int4-awq, INT4-AWQ and the like are accepted too."""
+    return name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -85,32 +90,39 @@ class TargetSpec(Section):
 
 class QuantizationSpec(Section):
     format: Format = "fp8"
-    algorithm: Algorithm = "auto"
+    algorithm: Algorithm = Field("auto", description="auto = ModelOpt's default for the format, filled in")
     kv_cache: Literal["none", "fp8", "nvfp4"] = "none"
-    block_size: int | None = Field(None, gt=0, description="weight block size; none = the format's default")
+    block_size: int | None = Field(None, gt=0, description="weight block size; none = the format's default, filled in")
     block_size_policy: Literal["fallback", "exclude", "error"] = Field(
         "fallback", description="a layer whose width the block size does not divide: smaller block, skip it, or stop"
     )
     smoothquant_alpha: float = Field(1.0, ge=0.0, le=1.0, description="ModelOpt's default migration strength")
     exclude: tuple[str, ...] = Field(("*lm_head*",), description="module name patterns left unquantized")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_defaults(cls, data: Any) -> Any:
+        """Fill in what 'auto' and an absent block size mean for the format, so equal work has equal values (and
+        one cache key) however the recipe spelled it."""
+        if not isinstance(data, dict):
+            return data
+        data = {**data, "format": canonical_format(data.get("format", "fp8"))}
+        fmt = data["format"]
+        if fmt in DEFAULT_ALGORITHM and data.get("algorithm", "auto") == "auto":
+            data["algorithm"] = DEFAULT_ALGORITHM[fmt]
+        if fmt in DEFAULT_BLOCK_SIZE and data.get("block_size") is None:
+            data["block_size"] = DEFAULT_BLOCK_SIZE[fmt]
+        elif DEFAULT_BLOCK_SIZE.get(fmt, 0) in (None, 16) and data["block_size"] != DEFAULT_BLOCK_SIZE[fmt]:
+            raise ValueError(f"format '{fmt}' has a fixed scale layout; remove block_size")
+        return data
+
     @model_validator(mode="after")
     def _algorithm_fits_format(self) -> QuantizationSpec:
-        fits = ALGORITHM_FORMATS.get(self.resolved_algorithm)
+        fits = ALGORITHM_FORMATS.get(self.algorithm)
         if fits is not None and self.format not in fits:
             raise ValueError(f"algorithm '{self.algorithm}' does not apply to format '{self.format}'; "
                              f"it works with {', '.join(fits)}")
-        if self.block_size is not None and DEFAULT_BLOCK_SIZE[self.format] in (None, 16):
-            raise ValueError(f"format '{self.format}' has a fixed scale layout; remove block_size")
         return self
-
-    @property
-    def resolved_algorithm(self) -> str:
-        return DEFAULT_ALGORITHM[self.format] if self.algorithm == "auto" else self.algorithm
-
-    @property
-    def resolved_block_size(self) -> int | None:
-        return self.block_size or DEFAULT_BLOCK_SIZE[self.format]
 
 
 class CalibrationSpec(Section):
@@ -129,7 +141,8 @@ class ExportSpec(Section):
 
 
 class BuildSpec(Section):
-    backend: Literal["none", "tensorrt-rtx", "trtllm", "trtllm-pytorch"] = "none"
+    backend: Literal["auto", "none", "tensorrt-rtx", "trtllm", "trtllm-pytorch"] = Field(
+        "none", description="auto (filled in) = the engine builder the target runs without a GPU host, else none")
     max_batch_size: int = Field(8, ge=1)
     max_input_len: int = Field(512, ge=1)
     max_seq_len: int = Field(1024, ge=1)
@@ -179,7 +192,7 @@ class Recipe(Section):
     @model_validator(mode="before")
     @classmethod
     def _target_shorthand(cls, data: Any) -> Any:
-        return _expand_target(data)
+        return _resolve_backend(_expand_target(data))
 
     @property
     def gpus(self) -> tuple[str, ...]:
@@ -207,8 +220,8 @@ def load_recipe(ref: str | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise BadInput(f"recipe file {ref} not found; pass an existing YAML file or a preset ({', '.join(presets())})")
         text, origin = path.read_text(), str(path)
-    elif ref in presets():
-        text, origin = (resources.files("pipeline.recipes") / f"{ref}.yaml").read_text(), f"preset {ref}"
+    elif (preset := canonical_format(ref)) in presets():  # presets are named like formats: int4-awq works too
+        text, origin = (resources.files("pipeline.recipes") / f"{preset}.yaml").read_text(), f"preset {preset}"
     else:
         hint = _did_you_mean(ref, presets())
         raise BadInput(f"unknown preset '{ref}'{hint}; presets: {', '.join(presets())}, or pass a YAML file path")
@@ -219,6 +232,23 @@ def load_recipe(ref: str | None, overrides: list[str] = ()) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise BadInput(f"{origin}: {describe_error(exc)}") from None
+
+
+def _resolve_backend(data: Any) -> Any:
+    """`build.backend: auto` becomes the engine builder every target GPU runs, or none (the checkpoints are then
+    the deliverable: TensorRT-LLM, vLLM and SGLang load them directly)."""
+    if not isinstance(data, dict) or not isinstance(data.get("build"), dict) or data["build"].get("backend") != "auto":
+        return data
+    build = data["build"]
+    try:
+        gpus = [targets.resolve((data.get("target") or {}).get("gpu", "ada")).sm,
+                *(targets.resolve(g).sm for g in build.get("also_for", ()))]
+    except BadInput:
+        return data  # the field validators name the unknown GPU
+    fmt = canonical_format((data.get("quantization") or {}).get("format", "fp8"))
+    # only a TensorRT-RTX engine holds several GPUs: asking for them asks for it (the target check has the last word)
+    backend = "tensorrt-rtx" if build.get("also_for") else targets.default_backend(gpus, fmt)
+    return {**data, "build": {**build, "backend": backend}}
 
 
 def _expand_target(data: Any) -> Any:

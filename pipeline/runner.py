@@ -5,18 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import host, targets
-from pipeline.errors import BadInput, VerificationFailed
+from pipeline import host, runs, targets
+from pipeline.errors import BadInput, QuantpipeError, VerificationFailed
 from pipeline.publish import publish
 from pipeline.recipe import Recipe
 from pipeline.stages import STAGES, Stage, StageContext
-from pipeline.store import Artifact, ArtifactStore, write_json_atomic
+from pipeline.store import Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,7 @@ class RunResult:
     outcomes: list[Outcome]
     failure: str | None = None  # a stage made its artifact but the run must fail (verify below threshold)
     published: Path | None = None
+    record: Path | None = None  # this run's record under <cache>/runs/
 
     def raise_failure(self) -> None:
         if self.failure:
@@ -95,7 +95,7 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
     check_target(recipe)
     last = _index(stages, until) if until else len(stages) - 1
     forced_from = min((_index(stages, f) for f in force), default=len(stages))
-    previous = _latest_record(store, recipe.name)
+    previous = (runs.latest(store, recipe.name) or {}).get("stages", {})
     steps: list[Step] = []
     keys: dict[str, str] = {}
     for position, stage in enumerate(stages[: last + 1]):
@@ -112,7 +112,7 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
         forced = position >= forced_from
         step = Step(stage, key, record, store.peek(stage.name, key), forced)
         if not step.hit:
-            step.reasons = _why(stage.name, key, record, previous.get(stage.name), forced)
+            step.reasons = _why(stage.name, key, record, previous.get(stage.name), forced, store)
         steps.append(step)
     return steps
 
@@ -120,36 +120,45 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
 def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),
         reporter: Reporter | None = None, stages: tuple[Stage, ...] = STAGES,
         engines_dir: Path | None = None) -> RunResult:
-    """Run the chain: hits are skipped, misses built under a per-key lock. Writes a run record. A complete,
-    passing run is published under `engines_dir` when one is given."""
+    """Run the chain: hits are skipped, misses built under a per-key lock. A complete, passing run is published
+    under `engines_dir` when one is given. Every run, passed or failed for any reason, leaves a run record."""
     reporter = reporter or Reporter()
-    steps = plan(recipe, store, until=until, force=force, stages=stages)
-    store.ensure_writable()
-    model = next((s.artifact.metadata for s in steps if s.stage.name == "load" and s.artifact), {})
-    for step in steps:
-        if not step.hit:
-            step.stage.preflight(recipe, model)
     started = time.time()
+    steps: list[Step] = []
     outcomes: list[Outcome] = []
-    artifacts: dict[str, Artifact] = {}
-    failure = None
-    for step in steps:
-        reporter.stage_started(step)
-        t0 = time.time()
-        cached = store.get(step.stage.name, step.key) if step.hit else None  # pulled here if only in the remote tier
-        artifact, status = (cached, "hit") if cached else _build(step, recipe, store, artifacts, reporter)
-        artifacts[step.stage.name] = artifact
-        outcome = Outcome(step.stage.name, step.key, status, time.time() - t0, artifact)
-        outcomes.append(outcome)
-        reporter.stage_finished(outcome)
-        failure = step.stage.failure(artifact.metadata)
-        if failure:
-            break
-    published = None
-    if engines_dir is not None and until is None and failure is None:
-        published = publish(Path(engines_dir), recipe, artifacts)
-    _write_run_record(store, recipe, steps, outcomes, started, failure)
-    return RunResult(outcomes, failure, published)
+    try:
+        steps = plan(recipe, store, until=until, force=force, stages=stages)
+        store.ensure_writable()
+        model = next((s.artifact.metadata for s in steps if s.stage.name == "load" and s.artifact), {})
+        for step in steps:
+            if not step.hit:
+                step.stage.preflight(recipe, model)
+        artifacts: dict[str, Artifact] = {}
+        failure = None
+        for step in steps:
+            reporter.stage_started(step)
+            t0 = time.time()
+            cached = store.get(step.stage.name, step.key) if step.hit else None  # pulled if only in the remote tier
+            artifact, status = (cached, "hit") if cached else _build(step, recipe, store, artifacts, reporter)
+            artifacts[step.stage.name] = artifact
+            outcome = Outcome(step.stage.name, step.key, status, time.time() - t0, artifact)
+            outcomes.append(outcome)
+            reporter.stage_finished(outcome)
+            failure = step.stage.failure(artifact.metadata)
+            if failure:
+                break
+        published = None
+        if engines_dir is not None and until is None and failure is None:
+            published = publish(Path(engines_dir), recipe, artifacts)
+    except BaseException as exc:
+        try:
+            _write_run_record(store, recipe, steps, outcomes, started, exc)
+        except OSError:
+            pass  # an unwritable cache is itself the error being raised
+        raise
+    record = _write_run_record(store, recipe, steps, outcomes, started, VerificationFailed(failure) if failure
+                               else None)
+    return RunResult(outcomes, failure, published, record)
 
 
 def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str, Artifact],
@@ -171,27 +180,37 @@ def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str
             ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track, store)
             return step.stage.run(ctx)
 
-        return store.write(name, step.key, build, step.record), "built"
+        return store.write(name, step.key, build, {**step.record, "recipe": recipe.name}), "built"
 
 
-def _why(stage: str, key: str, record: dict, before: dict | None, forced: bool) -> list[str]:
-    """Human reasons for a miss, comparing with the last run of this recipe."""
+def _why(stage: str, key: str, record: dict, before: dict | None, forced: bool, store: ArtifactStore) -> list[str]:
+    """Human reasons for a miss: what differs from the last run of this recipe or, when that run never built this
+    stage, from the nearest artifact of this stage in the store (whichever recipe made it)."""
     if forced:
         return ["forced"]
-    if before is None:
-        return ["never built for this recipe"]
-    if before.get("key") == key:
+    if before is not None and before.get("key") == key:
         return ["artifact missing or damaged"]
-    reasons = []
+    suffix = ""
+    if before is None:
+        nearest = min((a.manifest for a in store.artifacts(stage) if a.manifest),
+                      key=lambda m: len(_differences(m, record)), default=None)
+        if nearest is None:
+            return ["never built"]
+        before = nearest
+        suffix = f" (vs cached {nearest['key'][:12]} of recipe {nearest.get('recipe', '?')})"
+    return [f"{reason}{suffix}" for reason in _differences(before, record)] or ["key changed"]
+
+
+def _differences(before: dict, record: dict) -> list[str]:
     old, new = _flatten(before.get("params", {})), _flatten(record["params"])
-    reasons += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-                if old.get(k) != new.get(k)]
+    reasons = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]
     reasons += [f"input {k} changed" for k, v in record["inputs"].items() if before.get("inputs", {}).get(k) != v]
     reasons += [f"{k} {before.get('environment', {}).get(k)} -> {v}" for k, v in record["environment"].items()
                 if before.get("environment", {}).get(k) != v]
     if before.get("stage_version") != record["stage_version"] or before.get("code") != record["code"]:
         reasons.append("stage code changed")
-    return reasons or ["key changed"]
+    return reasons
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -204,31 +223,38 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _runs_dir(store: ArtifactStore) -> Path:
-    return store.root / "runs"
-
-
-def _latest_record(store: ArtifactStore, name: str) -> dict:
-    try:
-        return json.loads((_runs_dir(store) / f"latest-{name}.json").read_text())["stages"]
-    except (OSError, ValueError, KeyError):
-        return {}
-
-
 def _write_run_record(store: ArtifactStore, recipe: Recipe, steps: list[Step], outcomes: list[Outcome],
-                      started: float, failure: str | None) -> None:
+                      started: float, error: BaseException | None) -> Path:
+    failed_stage = None
+    if isinstance(error, VerificationFailed):
+        failed_stage = outcomes[-1].stage
+    elif error is not None and steps:  # past the last stage, publishing failed
+        failed_stage = steps[len(outcomes)].stage.name if len(outcomes) < len(steps) else "publish"
     record = {
-        "ok": failure is None,
-        "failure": failure,
+        "ok": error is None,
+        "exit_code": exit_code(error),
+        "error": None if error is None else one_line(error),
+        "failed_stage": failed_stage,
         "recipe": recipe.model_dump(mode="json"),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "started": runs.stamp(started),
         "seconds": round(time.time() - started, 3),
         "host": host.describe(),
         "stages": {s.stage.name: {"key": s.key, **s.record} for s in steps},
         "outcomes": [o.to_json() for o in outcomes],
     }
-    runs = _runs_dir(store)
-    runs.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
-    write_json_atomic(runs / f"{stamp}-{recipe.name}-{os.getpid()}.json", record)
-    write_json_atomic(runs / f"latest-{recipe.name}.json", record)
+    return runs.write(store, recipe.name, record, started)
+
+
+def exit_code(error: BaseException | None) -> int:
+    """The process exit code a run ending with `error` gets (the table in README.md)."""
+    if error is None:
+        return 0
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return getattr(error, "exit_code", 1)
+
+
+def one_line(error: BaseException) -> str:
+    """The error as one line; unexpected errors keep their type, which is what a bug report needs first."""
+    text = " ".join(str(error).split())
+    return text if isinstance(error, QuantpipeError) else f"{type(error).__name__}: {text}".rstrip(": ")

@@ -137,3 +137,11 @@ def matrix() -> list[dict]:
         }
         for a in ARCHS.values()
     ]
+
+
+def default_backend(gpus: list[int], fmt: str) -> str:
+    """What `build.backend: auto` means: a TensorRT-RTX engine where every target runs one and it can express the
+    format (it is built ahead of time on any host), else no engine build."""
+    if all(sm in BUILD_BACKENDS["tensorrt-rtx"] for sm in gpus) and fmt in BACKEND_FORMATS["tensorrt-rtx"]:
+        return "tensorrt-rtx"
+    return "none"

@@ -6,14 +6,37 @@ from pipeline.errors import BadInput
 from pipeline.recipe import load_recipe, presets
 
 
-@pytest.mark.parametrize("name", ["default", "fp8", "int4-awq", "int8-sq", "w4a8-awq", "nvfp4"])
+@pytest.mark.parametrize("name", ["default", "fp8", "int4_awq", "int8_sq", "w4a8_awq", "nvfp4"])
 def test_every_preset_loads(name):
     recipe = load_recipe(name)
     assert recipe.name == name
 
 
 def test_presets_are_listed():
-    assert {"fp8", "int4-awq", "int8-sq", "w4a8-awq", "nvfp4"} <= set(presets())
+    assert {"fp8", "int4_awq", "int8_sq", "w4a8_awq", "nvfp4"} <= set(presets())
+
+
+@pytest.mark.parametrize("spelling", ["int4-awq", "int4_awq", "INT4-AWQ"])
+def test_formats_and_their_presets_have_one_printed_spelling(spelling):
+    """Accept both spellings, print ModelOpt's: the preset, the format and everything named after them agree."""
+    assert load_recipe(spelling).name == "int4_awq"
+    assert load_recipe("fp8", [f"quantization.format={spelling}"]).quantization.format == "int4_awq"
+
+
+def test_equal_work_has_equal_values_however_the_recipe_spells_it():
+    """'auto' and absent defaults are filled in, so the default preset (algorithm auto) and the fp8 preset (max)
+    describe identical calibration and share its cache key."""
+    default, fp8 = load_recipe("default"), load_recipe("fp8")
+    assert default.quantization == fp8.quantization
+    assert (default.calibration, default.export, default.build) == (fp8.calibration, fp8.export, fp8.build)
+
+
+def test_auto_backend_is_one_the_target_runs():
+    assert load_recipe("fp8").build.backend == "tensorrt-rtx"
+    assert load_recipe("fp8", ["target=hopper"]).build.backend == "none"  # checkpoints: TensorRT-LLM loads them
+    assert load_recipe("nvfp4").build.backend == "tensorrt-rtx"
+    assert load_recipe("w4a8_awq", ["target=ada"]).build.backend == "none"  # TensorRT-RTX has no W4A8 path
+    assert load_recipe("fp8", ["target=hopper", "build.backend=tensorrt-rtx"]).build.backend == "tensorrt-rtx"
 
 
 def test_overrides_are_typed_and_target_shorthand_expands():
@@ -25,9 +48,10 @@ def test_overrides_are_typed_and_target_shorthand_expands():
 
 
 def test_auto_algorithm_and_block_size_follow_the_format():
-    q = load_recipe("int4-awq", ["quantization.algorithm=auto", "quantization.block_size=null"]).quantization
-    assert (q.resolved_algorithm, q.resolved_block_size) == ("awq_lite", 128)
-    assert load_recipe("int8-sq").quantization.resolved_algorithm == "smoothquant"
+    q = load_recipe("int4_awq", ["quantization.algorithm=auto", "quantization.block_size=null"]).quantization
+    assert (q.algorithm, q.block_size) == ("awq_lite", 128)
+    assert load_recipe("int8_sq", ["quantization.algorithm=auto"]).quantization.algorithm == "smoothquant"
+    assert load_recipe("fp8").quantization.block_size is None
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline import runner
+from pipeline import runner, runs
 from pipeline.errors import BadInput, UnsupportedOnTarget
 from pipeline.recipe import load_recipe
 from pipeline.store import ArtifactStore
@@ -89,7 +89,38 @@ def test_unsupported_recipe_fails_before_any_stage_runs(store, calls_file):
     with pytest.raises(UnsupportedOnTarget, match="does not run on ada"):
         runner.run(load_recipe("nvfp4", ["target.gpu=ada"]), store, stages=toy_chain(calls_file))
     assert calls(calls_file) == []
-    assert not store.root.exists()
+    assert list(store.artifacts()) == []
+    record = runs.latest(store, "nvfp4")  # refused runs are recorded too, for schedulers
+    assert (record["ok"], record["exit_code"], record["failed_stage"]) == (False, 3, None)
+    assert "does not run on ada" in record["error"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_a_crash_inside_a_stage_leaves_a_run_record_naming_the_stage(store, calls_file):
+    chain = toy_chain(calls_file)
+    chain[1].fail_with = Crash("boom")
+    with pytest.raises(Crash):
+        runner.run(load_recipe("fp8"), store, stages=chain)
+    record = runs.latest(store, "fp8")
+    assert (record["ok"], record["exit_code"], record["failed_stage"]) == (False, 1, "calibrate")
+    assert record["error"] == "Crash: boom"
+    assert [o["stage"] for o in record["outcomes"]] == ["load"]
+
+
+def test_a_miss_names_the_field_that_differs_from_an_artifact_another_recipe_made(store, calls_file):
+    runner.run(load_recipe("fp8"), store, stages=toy_chain(calls_file))
+    other = load_recipe("int8_sq", ["name=someone-else", "quantization.format=fp8", "calibration.samples=8"])
+    steps = {s.stage.name: s for s in runner.plan(other, store, stages=toy_chain(calls_file))}
+    [reason] = steps["calibrate"].reasons
+    assert reason.startswith("calibration.samples: 32 -> 8 (vs cached ") and reason.endswith(" of recipe fp8)")
+
+
+def test_presets_that_describe_the_same_work_share_every_artifact(store, calls_file):
+    runner.run(load_recipe("default"), store, stages=toy_chain(calls_file))
+    assert all(step.hit for step in runner.plan(load_recipe("fp8"), store, stages=toy_chain(calls_file)))
 
 
 def _run_in_process(cache, calls_file):

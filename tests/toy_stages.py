@@ -17,12 +17,15 @@ class ToyStage(Stage):
     libraries = ("pyyaml",)
     calls_file: Path | None = None
     delay = 0.0
+    fail_with: BaseException | None = None  # raised once the stage has started writing
 
     def run(self, ctx: StageContext) -> dict:
         if self.calls_file is not None:
             with open(self.calls_file, "a") as fh:
                 fh.write(f"{self.name}\n")
         time.sleep(self.delay)
+        if self.fail_with is not None:
+            raise self.fail_with
         upstream = {name: (a / "out.txt").read_text() for name, a in ctx.inputs.items()}
         (ctx.out / "out.txt").write_text(json.dumps({"params": ctx.params, "upstream": upstream}, sort_keys=True))
         return {"n": len(upstream)}

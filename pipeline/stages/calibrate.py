@@ -75,7 +75,7 @@ class Calibrate(Stage):
             {"config": plan.config, "decisions": plan.decisions, "quantized_layers": plan.quantized_layers,
              "excluded_layers": plan.excluded_layers}, indent=2, default=str))
         model_bytes = loaded.metadata["weights_bytes"]
-        return {"format": spec.format, "algorithm": spec.resolved_algorithm, "kv_cache": spec.kv_cache,
+        return {"format": spec.format, "algorithm": spec.algorithm, "kv_cache": spec.kv_cache,
                 "block_size": plan.block_size, "decisions": plan.decisions,
                 "quantized_layers": len(plan.quantized_layers), "excluded_layers": len(plan.excluded_layers),
                 "tokens": int(windows.numel()), "calibration_seconds": round(seconds, 2),
