@@ -1,6 +1,6 @@
 """quantpipe against bare ModelOpt, side by side in one run; writes bench/RESULTS.md and bench/results.json.
 
-    python bench/run.py [--samples 16] [--seq-len 256] [--formats fp8,int8-sq,...] [--sections core,quality,engines]
+    python bench/run.py [--samples 16] [--seq-len 256] [--formats fp8,int8_sq,...] [--sections core,quality,engines]
 
 Sections: core (overhead, no-op, reuse, memory), quality (per format, against ModelOpt's default recipe), engines
 (TensorRT-RTX engine size and build time per format and target against the fp16 engine, and the rebuild).
@@ -26,7 +26,7 @@ from pipeline.fmt import human_bytes  # noqa: E402
 
 STAGES = ["load", "calibrate", "quantize", "export"]
 IMPORTS = "import torch, transformers, safetensors, modelopt.torch.quantization, modelopt.torch.opt, pipeline.quant"
-FORMATS = {"fp8": "fp8", "int8-sq": "int8_sq", "int4-awq": "int4_awq", "w4a8-awq": "w4a8_awq", "nvfp4": "nvfp4"}
+FORMATS = ("fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4")  # presets, named like their formats
 
 
 def timed(command: list[str]) -> tuple[float, str]:
@@ -129,7 +129,7 @@ def stage_of(stdout: str, name: str) -> dict:
     return next(s for s in last_event(stdout)["stages"] if s["stage"] == name)
 
 
-ENGINE_CELLS = (("fp8", "ada"), ("int8-sq", "ada"), ("int4-awq", "ada"), ("fp8", "blackwell-rtx"),
+ENGINE_CELLS = (("fp8", "ada"), ("int8_sq", "ada"), ("int4_awq", "ada"), ("fp8", "blackwell-rtx"),
                 ("nvfp4", "blackwell-rtx"))
 
 
@@ -157,7 +157,7 @@ def quality(root: Path, calib: list[str], options) -> dict:
     for preset in options.formats.split(","):
         _, out = timed(quantpipe("run", preset, *calib, "--json", cache=root / "q"))
         verify = stage_of(out, "verify")["metadata"]
-        _, bare_out = timed([sys.executable, str(BENCH / "bare_modelopt.py"), FORMATS[preset],
+        _, bare_out = timed([sys.executable, str(BENCH / "bare_modelopt.py"), preset,
                              str(root / f"bare-{preset}"), str(options.samples), str(options.seq_len), "--ppl"])
         bare = json.loads(bare_out.strip().splitlines()[-1])
         rows[preset] = {"ppl_ratio": verify["ppl_ratio"], "agreement": verify["agreement"],

@@ -44,7 +44,7 @@ def test_onnx_decodes_token_by_token_in_onnxruntime_like_the_model(run_preset, r
     assert steps == greedy
 
 
-@pytest.mark.parametrize(("preset", "layer"), [("fp8", "DEQUANTIZE:FP8->FLOAT"), ("int4-awq", "DEQUANTIZE:INT4->FLOAT")])
+@pytest.mark.parametrize(("preset", "layer"), [("fp8", "DEQUANTIZE:FP8->FLOAT"), ("int4_awq", "DEQUANTIZE:INT4->FLOAT")])
 def test_tensorrt_rtx_engine_for_ada(run_preset, preset, layer):
     outcomes = {o.stage: o for o in run_preset(preset, until="build").outcomes}
     build = outcomes["build"].artifact

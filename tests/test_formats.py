@@ -19,16 +19,16 @@ EXPECTED = {
             {"weight": ("F8_E4M3", [576, 576]), "weight_scale": ("F32", []), "input_scale": ("F32", [])},
             {"weight": ("F8_E4M3", [960, 576]), "weights_scaling_factor": ("F32", [1]),
              "activation_scaling_factor": ("F32", [1])}),
-    "int8-sq": ("W8A8_SQ_PER_CHANNEL", None,
+    "int8_sq": ("W8A8_SQ_PER_CHANNEL", None,
                 {"weight": ("I8", [576, 576]), "weight_scale": ("F32", [576]), "input_scale": ("F32", []),
                  "pre_quant_scale": ("F16", [576])},
                 {"weight": ("I8", [960, 576]), "weights_scaling_factor": ("F32", [960]),
                  "prequant_scaling_factor": ("F16", [576])}),
-    "int4-awq": ("W4A16_AWQ", 64,
+    "int4_awq": ("W4A16_AWQ", 64,
                  {"weight": ("U8", [288, 576]), "weight_scale": ("F32", [576, 9])},
                  {"weight": ("I8", [480, 576]), "weights_scaling_factor": ("F32", [960, 9]),
                   "prequant_scaling_factor": ("F16", [576])}),
-    "w4a8-awq": ("W4A8_AWQ", 64,
+    "w4a8_awq": ("W4A8_AWQ", 64,
                  {"weight": ("U8", [288, 576]), "weight_scale": ("F32", [576, 9]), "weight_scale_2": ("F32", []),
                   "input_scale": ("F32", [])},
                  {"weight": ("I8", [480, 576]), "weights_scaling_factor": ("F32", [960, 9]),
@@ -79,7 +79,7 @@ def test_export_inventory_matches_the_format(run_preset, preset):
 
 @pytest.mark.slow
 def test_int4_block_size_fallback_is_decided_recorded_and_carded(run_preset):
-    outcomes = {o.stage: o for o in run_preset("int4-awq").outcomes}
+    outcomes = {o.stage: o for o in run_preset("int4_awq").outcomes}
     calibration = outcomes["calibrate"].artifact.metadata
     assert calibration["block_size"] == 64
     assert "block size 128 does not divide the input width of 180 of 210 layers" in calibration["decisions"][0]
@@ -89,7 +89,7 @@ def test_int4_block_size_fallback_is_decided_recorded_and_carded(run_preset):
 
 @pytest.mark.slow
 def test_int4_exclude_policy_leaves_misfit_layers_unquantized(run_preset):
-    outcomes = {o.stage: o for o in run_preset("int4-awq", "quantization.block_size_policy=exclude").outcomes}
+    outcomes = {o.stage: o for o in run_preset("int4_awq", "quantization.block_size_policy=exclude").outcomes}
     assert outcomes["calibrate"].artifact.metadata["excluded_layers"] == 180
     with safe_open(outcomes["export"].artifact / "hf" / "model.safetensors", "pt") as fh:
         assert fh.get_slice(f"{HF_Q}.weight").get_dtype() in ("F16", "F32")
@@ -98,7 +98,7 @@ def test_int4_exclude_policy_leaves_misfit_layers_unquantized(run_preset):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["fp8", "int8-sq"])
+@pytest.mark.parametrize("preset", ["fp8", "int8_sq"])
 def test_calibration_state_is_small_and_restores_bit_identically(real_store, preset):
     """The state holds scales, not weights (SmoothQuant's rescaled weights are replayed from their scales), and a
     fresh model with the state restored computes exactly what the calibrated model computed."""

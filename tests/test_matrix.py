@@ -20,7 +20,7 @@ CI_MATRIX = {
     "base": "default",
     "set": {**{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in TINY)}, "export.formats": ["onnx"],
             "verify.ppl_ratio_max": 3.0, "verify.gen_agreement_min": 0.2},
-    "axes": {"formats": ["fp8", "int8-sq"], "targets": ["ada", "blackwell-rtx"]},
+    "axes": {"formats": ["fp8", "int8_sq"], "targets": ["ada", "blackwell-rtx"]},
 }
 
 
@@ -33,10 +33,10 @@ def _write(tmp_path: Path, spec: dict) -> Path:
 def test_cells_are_the_product_of_the_axes_with_exclusions(tmp_path):
     spec = matrix.load_matrix(_write(tmp_path, {
         **CI_MATRIX, "axes": {**CI_MATRIX["axes"], "variants": {"tp1": {}, "bf16": {"export.dtype": "bfloat16"}}},
-        "exclude": [{"format": "int8-sq", "variant": "bf16"}]}))
+        "exclude": [{"format": "int8_sq", "variant": "bf16"}]}))
     cells = matrix.expand(spec)
     assert [c.name for c in cells] == ["ci-fp8-ada-tp1", "ci-fp8-ada-bf16", "ci-fp8-blackwell-rtx-tp1",
-                                       "ci-fp8-blackwell-rtx-bf16", "ci-int8-sq-ada-tp1", "ci-int8-sq-blackwell-rtx-tp1"]
+                                       "ci-fp8-blackwell-rtx-bf16", "ci-int8_sq-ada-tp1", "ci-int8_sq-blackwell-rtx-tp1"]
     int8 = cells[4].recipe
     assert (int8.quantization.format, int8.quantization.algorithm, int8.target.gpu) == ("int8_sq", "smoothquant", "sm_89")
     assert cells[1].recipe.export.dtype == "bfloat16" and cells[0].recipe.calibration.samples == 4
@@ -48,8 +48,8 @@ def test_cells_sharing_format_share_every_stage_before_build(tmp_path):
     for stage in ("load", "calibrate", "quantize", "export"):
         assert keys["ci-fp8-ada"][stage] == keys["ci-fp8-blackwell-rtx"][stage]
     assert keys["ci-fp8-ada"]["build"] != keys["ci-fp8-blackwell-rtx"]["build"]
-    assert keys["ci-fp8-ada"]["calibrate"] != keys["ci-int8-sq-ada"]["calibrate"]
-    assert keys["ci-fp8-ada"]["load"] == keys["ci-int8-sq-ada"]["load"]
+    assert keys["ci-fp8-ada"]["calibrate"] != keys["ci-int8_sq-ada"]["calibrate"]
+    assert keys["ci-fp8-ada"]["load"] == keys["ci-int8_sq-ada"]["load"]
 
 
 def test_an_unsupported_cell_stops_the_matrix_before_any_work_naming_the_exclude(tmp_path):
