@@ -2,6 +2,8 @@
 share (set QUANTPIPE_TEST_CACHE to keep it between sessions while developing)."""
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,9 +30,13 @@ def private_engines_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def real_store(tmp_path_factory) -> ArtifactStore:
+def real_store(tmp_path_factory) -> Iterator[ArtifactStore]:
+    """Removed at the end of the session, pass or fail (gigabytes); QUANTPIPE_TEST_CACHE is kept."""
     root = os.environ.get("QUANTPIPE_TEST_CACHE")
-    return ArtifactStore(Path(root) if root else tmp_path_factory.mktemp("real-cache"))
+    store = ArtifactStore(Path(root) if root else tmp_path_factory.mktemp("real-cache"))
+    yield store
+    if not root:
+        shutil.rmtree(store.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
