@@ -208,8 +208,10 @@ class ConsoleReporter(runner.Reporter):
         if self.events:
             _event({"event": "stage_end", "recipe": self.recipe, **outcome.to_json()})
         if self.lines and outcome.status != "hit":
+            peak = outcome.artifact.manifest.get("peak_rss_bytes")
             err.print(f"quantpipe: {self.recipe}: {outcome.stage}: {outcome.status} in {outcome.seconds:.1f} s, "
-                      f"{human_bytes(outcome.artifact.size)}: {by_name(outcome.stage).summary(outcome.artifact.metadata)}")
+                      f"{human_bytes(outcome.artifact.size)}{f', peak RSS {human_bytes(peak)}' if peak else ''}: "
+                      f"{by_name(outcome.stage).summary(outcome.artifact.metadata)}")
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
@@ -220,12 +222,14 @@ class ConsoleReporter(runner.Reporter):
 
 def _summary_table(outcomes: list[runner.Outcome], seconds: float) -> Table:
     table = Table(title=f"quantpipe run ({seconds:.1f} s)", title_justify="left")
-    for column in ("stage", "result", "key", "time", "size", "detail"):
-        table.add_column(column, justify="right" if column in ("time", "size") else "left")
+    for column in ("stage", "result", "key", "time", "size", "peak RSS", "detail"):
+        table.add_column(column, justify="right" if column in ("time", "size", "peak RSS") else "left")
     for o in outcomes:
         style = {"hit": "green", "built": "cyan", "shared": "cyan"}[o.status]
+        peak = o.artifact.manifest.get("peak_rss_bytes")  # measured when the artifact was built
         table.add_row(o.stage, f"[{style}]{o.status}[/]", o.key[:12], f"{o.seconds:.1f} s",
-                      human_bytes(o.artifact.size), by_name(o.stage).summary(o.artifact.metadata))
+                      human_bytes(o.artifact.size), human_bytes(peak) if peak else "-",
+                      by_name(o.stage).summary(o.artifact.metadata))
     return table
 
 

@@ -6,10 +6,13 @@ import functools
 import importlib.metadata
 import importlib.util
 import platform
+import re
+import resource
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @functools.cache
@@ -65,3 +68,35 @@ def describe() -> dict:
         "python": sys.version.split()[0],
         "gpus": [f"{g.name} (sm_{g.sm})" for g in gpus()],
     }
+
+
+class PeakMemory:
+    """Peak resident memory (bytes) of this process during a block, from the OS: Linux resets the high-water mark
+    through /proc/self/clear_refs, so each stage's peak is its own. Where that is not possible the process's
+    lifetime peak is reported, an upper bound. Subprocesses count when one peaked higher than any before it."""
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            pass
+        self.children_before = _children_peak()
+        self.bytes = 0
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        children = _children_peak()
+        self.bytes = max(_own_peak(), children if children > self.children_before else 0)
+
+
+def _own_peak() -> int:
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+
+
+def _children_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024

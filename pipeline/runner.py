@@ -50,7 +50,8 @@ class Outcome:
 
     def to_json(self) -> dict:
         return {"stage": self.stage, "key": self.key, "status": self.status, "seconds": round(self.seconds, 3),
-                "bytes": self.artifact.size, "path": str(self.artifact.path), "metadata": self.artifact.metadata}
+                "bytes": self.artifact.size, "peak_rss_bytes": self.artifact.manifest.get("peak_rss_bytes"),
+                "path": str(self.artifact.path), "metadata": self.artifact.metadata}
 
 
 @dataclass
@@ -174,13 +175,18 @@ def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str
                 raise BadInput(f"input {upstream} of {name} was damaged or removed during the run; run again")
             inputs[upstream] = artifact
 
+        manifest_record = {**step.record, "recipe": recipe.name}
+
         def build(out: Path) -> dict:
             tool_cache = store.root / "tools" / name
             tool_cache.mkdir(parents=True, exist_ok=True)
             ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track, store)
-            return step.stage.run(ctx)
+            with host.PeakMemory() as peak:
+                metadata = step.stage.run(ctx)
+            manifest_record["peak_rss_bytes"] = peak.bytes  # store.write puts the record in the manifest after build
+            return metadata
 
-        return store.write(name, step.key, build, {**step.record, "recipe": recipe.name}), "built"
+        return store.write(name, step.key, build, manifest_record), "built"
 
 
 def _why(stage: str, key: str, record: dict, before: dict | None, forced: bool, store: ArtifactStore) -> list[str]:

@@ -130,3 +130,14 @@ def _run_in_process(cache, calls_file):
 def test_concurrent_identical_runs_build_each_stage_once(store, calls_file):
     assert run_concurrently(_run_in_process, [(store.root, calls_file)] * 2) == [0, 0]
     assert sorted(calls(calls_file)) == ["calibrate", "export", "load"]
+
+
+def test_each_built_artifact_records_the_peak_memory_its_stage_reached(store, calls_file):
+    """Measured by the OS per stage (the high-water mark is reset before each), not the process's lifetime peak."""
+    chain = toy_chain(calls_file)
+    chain[1].allocate = 400 << 20  # calibrate holds 400 MiB for a moment; export after it holds nothing extra
+    outcomes = {o.stage: o.to_json() for o in runner.run(load_recipe("fp8"), store, stages=chain).outcomes}
+    assert outcomes["calibrate"]["peak_rss_bytes"] > 400 << 20
+    assert outcomes["export"]["peak_rss_bytes"] < outcomes["calibrate"]["peak_rss_bytes"] - (300 << 20)
+    manifest = store.get("calibrate", outcomes["calibrate"]["key"]).manifest
+    assert manifest["peak_rss_bytes"] == outcomes["calibrate"]["peak_rss_bytes"]

@@ -18,12 +18,15 @@ class ToyStage(Stage):
     calls_file: Path | None = None
     delay = 0.0
     fail_with: BaseException | None = None  # raised once the stage has started writing
+    allocate = 0  # bytes held (touched) for a moment, to measure memory accounting
 
     def run(self, ctx: StageContext) -> dict:
         if self.calls_file is not None:
             with open(self.calls_file, "a") as fh:
                 fh.write(f"{self.name}\n")
         time.sleep(self.delay)
+        held = b"\x01" * self.allocate  # touched, so resident
+        del held
         if self.fail_with is not None:
             raise self.fail_with
         upstream = {name: (a / "out.txt").read_text() for name, a in ctx.inputs.items()}
