@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.faults import fingerprint, random_trials, seed_store, trial  # noqa: E402
+from tests.faults import fingerprint, random_trials, seed_store, trial  # noqa: E402
 from pipeline.stages import NAMES  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
 

@@ -3,7 +3,7 @@ The fast subset; bench/faults.py runs the full randomised set."""
 
 import pytest
 
-from pipeline.faults import fingerprint, seed_store, trial
+from tests.faults import fingerprint, seed_store, trial
 from pipeline.stages import NAMES
 from tests.conftest import TINY
 

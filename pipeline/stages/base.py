@@ -3,17 +3,13 @@ and one `run` that fills a fresh directory. Heavy imports live inside `run`, so 
 
 from __future__ import annotations
 
-import ast
-import functools
-import hashlib
-import importlib.util
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pipeline import host
+from pipeline import codeid, host
 from pipeline.recipe import Recipe
 from pipeline.store import Artifact, ArtifactStore
 
@@ -44,8 +40,6 @@ class Stage:
     inputs: ClassVar[tuple[str, ...]] = ()
     fields: ClassVar[tuple[str, ...]] = ()
     libraries: ClassVar[tuple[str, ...]] = ()
-    # Project modules whose code shapes this stage's output, besides the stage's own module.
-    code_modules: ClassVar[tuple[str, ...]] = ()
 
     def applies(self, recipe: Recipe) -> bool:
         """False when the recipe asks nothing of this stage (e.g. build backend 'none')."""
@@ -78,18 +72,5 @@ class Stage:
 
     @classmethod
     def code_hash(cls) -> str:
-        paths = [inspect.getsourcefile(cls), *(importlib.util.find_spec(m).origin for m in cls.code_modules)]
-        return hashlib.sha256("".join(_source_hash(p) for p in paths).encode()).hexdigest()[:16]
-
-
-@functools.cache
-def _source_hash(path: str) -> str:
-    """Hash of a module's code with docstrings and comments dropped, so edits to behaviour invalidate the cache."""
-    tree = ast.parse(Path(path).read_text())
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
-            getattr(body[0], "value", None), ast.Constant
-        ) and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+        """Covers the stage's module and every project module it can reach through imports (pipeline.codeid)."""
+        return codeid.code_hash(Path(inspect.getsourcefile(cls)))

@@ -16,7 +16,6 @@ class Build(Stage):
     version = "1"
     inputs = ("load", "calibrate", "export")
     fields = ("build", "target")
-    code_modules = ("pipeline.backends.tensorrt_rtx", "pipeline.backends.trtllm")
 
     def applies(self, recipe: Recipe) -> bool:
         return recipe.build.backend != "none"

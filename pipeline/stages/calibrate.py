@@ -30,7 +30,6 @@ class Calibrate(Stage):
     inputs = ("load",)
     fields = ("quantization", "calibration")
     libraries = ("torch", "transformers", "nvidia-modelopt")
-    code_modules = ("pipeline.quant", "pipeline.data", "pipeline.modeling")
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.calibration.dataset, store)}

@@ -31,7 +31,6 @@ class Export(Stage):
     inputs = ("load", "calibrate", "quantize")
     fields = ("export",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnx-graphsurgeon")
-    code_modules = ("pipeline.quant", "pipeline.card", "pipeline.onnx_export")
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
         if recipe.export.pp > 1 and "trtllm" not in recipe.export.formats:

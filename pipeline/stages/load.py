@@ -75,7 +75,6 @@ class Load(Stage):
     version = "1"
     fields = ("model",)
     libraries = ("transformers", "torch", "gguf", "safetensors")
-    code_modules = ("pipeline.modeling",)
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         source = resolve_source(recipe)

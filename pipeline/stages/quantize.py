@@ -18,7 +18,6 @@ class Quantize(Stage):
     inputs = ("load", "calibrate")
     fields = ("export.dtype",)
     libraries = ("torch", "transformers", "nvidia-modelopt")
-    code_modules = ("pipeline.quant", "pipeline.modeling")
 
     def summary(self, metadata: dict) -> str:
         return (f"{metadata['quantized_layers']} layers, weights {human_bytes(metadata['checkpoint_bytes'])} "

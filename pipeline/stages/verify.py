@@ -38,7 +38,6 @@ class Verify(Stage):
     inputs = ("load", "calibrate", "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors")
-    code_modules = ("pipeline.evaluate", "pipeline.dequant", "pipeline.quant", "pipeline.report")
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.verify.dataset, store),
