@@ -101,7 +101,7 @@ def test_matrix_on_a_local_ray_cluster_calibrates_each_format_once_and_reruns_as
     assert len(built) == len(set(built)) == 15
     end = events[-1]
     assert end["event"] == "matrix_end" and end["ok"] and len(end["cells"]) == 4
-    for cell in ("fp8-sm_89", "fp8-sm_120", "int8_sq-sm_89", "int8_sq-sm_120"):
+    for cell in ("fp8-sm_89", "fp8-sm_120", "int8-sq-sm_89", "int8-sq-sm_120"):
         assert (tmp_path / "engines" / "SmolLM2-135M-Instruct" / cell / "build.json").is_file()
 
     _, rerun = _matrix(path, cache, "--executor", "ray")
