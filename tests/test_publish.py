@@ -56,6 +56,14 @@ class Export(Stage):
         return {"formats": {"hf": {"bytes": 100}, "trtllm": {"bytes": 100}}}
 
 
+class Build(Stage):
+    name, version, inputs, fields = "build", "1", ("export",), ("build",)
+
+    def run(self, ctx: StageContext) -> dict:
+        _private(ctx.out / "sm_89" / "rank0.engine", (ctx.input("export") / "hf" / "model.safetensors").read_bytes())
+        return {}
+
+
 class Verify(Stage):
     name, version, inputs, fields = "verify", "1", ("export",), ("verify",)
 
@@ -65,7 +73,7 @@ class Verify(Stage):
         return {"ppl_ratio": 1.01, "agreement": 0.9, "thresholds": {"ppl_ratio_max": 1.1, "agreement_min": 0.5}}
 
 
-CHAIN = (Load(), Calibrate(), Export(), Verify())
+CHAIN = (Load(), Calibrate(), Export(), Build(), Verify())
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +129,7 @@ def test_published_files_are_copies_so_editing_one_leaves_the_cache_intact(store
     assert all(path.stat().st_nlink == 1 for path in _files(folder)), "no hard link into the cache"
     (folder / "hf" / "generation_config.json").write_text('{"do_sample": true}')
     again = _run(store, engines)
-    assert [o.status for o in again.outcomes] == ["hit"] * 4
+    assert [o.status for o in again.outcomes] == ["hit"] * 5
     assert "damaged" not in caplog.text
     export = next(o.artifact for o in again.outcomes if o.stage == "export")
     assert (export / "hf" / "generation_config.json").read_text() == '{"do_sample": false}'
@@ -132,7 +140,7 @@ def test_build_json_records_every_published_file_and_verify_published_checks_the
     recorded = json.loads((folder / "build.json").read_text())["files"]
     assert sorted(recorded) == sorted(p.relative_to(folder).as_posix() for p in _files(folder)
                                       if p.name != "build.json")
-    assert "engine" not in recorded and "hf/README.md" in recorded and "trtllm/rank0.safetensors" in recorded
+    assert {"hf/README.md", "trtllm/rank0.safetensors", "engine/sm_89/rank0.engine", "plot.png"} <= set(recorded)
     assert quantpipe("verify-published", str(folder), store=store).returncode == 0
 
     (folder / "hf" / "generation_config.json").write_text('{"do_sample": true}')
@@ -164,8 +172,8 @@ def test_two_recipes_get_two_folders_and_the_target_link_points_at_the_latest(st
     with caplog.at_level(logging.WARNING):
         replaced = _run(store, engines, "calibration.samples=64")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"replaced {first} (it held calibrate {held['calibrate'][:12]}, export {held['export'][:12]}, "
-                        f"verify {held['verify'][:12]})"]
+    changed = ", ".join(f"{stage} {held[stage][:12]}" for stage in ("calibrate", "export", "build", "verify"))
+    assert warnings == [f"replaced {first} (it held {changed})"], "load is shared, so not named"
     assert replaced.published == first and os.readlink(link) == first.name
     assert json.loads((first / "build.json").read_text())["recipe"]["calibration"]["samples"] == 64
 
@@ -199,7 +207,7 @@ def test_a_damaged_input_is_rebuilt_before_a_stage_reads_it(store, engines, capl
     calibrate = next(o.artifact for o in first.outcomes if o.stage == "calibrate")
     _flip_keeping_mtime(calibrate / "state.bin")
     again = _run(store, engines, "export.tp=2")  # export runs and reads calibrate
-    assert [o.status for o in again.outcomes] == ["hit", "built", "built", "built"]
+    assert [o.status for o in again.outcomes] == ["hit", "built", "built", "built", "built"]
     assert caplog.text.count("damaged artifact calibrate") == 1
     hf = (again.published / "hf" / "model.safetensors").read_bytes()
     assert hf == (calibrate / "state.bin").read_bytes() + b"hf", "the rebuilt bytes, not the flipped ones"
@@ -215,7 +223,7 @@ def test_damaged_cache_bytes_are_never_published_and_the_next_run_rebuilds_them(
     assert not (engines / "Toy-Model" / folder.name).exists(), "nothing was published"
     assert caplog.text.count("damaged artifact export") == 1
     rebuilt = _run(store, engines)
-    assert [o.status for o in rebuilt.outcomes] == ["hit", "hit", "built", "hit"]
+    assert [o.status for o in rebuilt.outcomes] == ["hit", "hit", "built", "hit", "hit"]
     assert quantpipe("verify-published", str(rebuilt.published), store=store).returncode == 0
 
 

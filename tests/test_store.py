@@ -111,7 +111,7 @@ def test_same_size_flip_with_restored_mtime_is_caught_by_a_deep_check(store):
     assert store.get("calibrate", KEY, deep=True) is None
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_committed_files_get_the_umask_modes_but_a_file_linked_in_keeps_its_owners(store, tmp_path, umask):
     owned_elsewhere = tmp_path / "user-weights.bin"
     owned_elsewhere.write_bytes(b"the user's own private file")
