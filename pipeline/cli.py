@@ -453,7 +453,7 @@ def _republish_hint(folder: Path) -> str:
     from pipeline.publish import provenance
 
     recipe = provenance(folder).get("recipe", {}).get("name", "<its recipe>")
-    return f"republish {folder}: remove it and run recipe {recipe} again"
+    return f"remove {folder} and run recipe {recipe} again"
 
 
 @main.command(name="verify-published")
@@ -468,8 +468,8 @@ def verify_published_command(store: ArtifactStore, as_json: bool, folder: Path) 
     _emit(as_json, {"folder": str(folder), "ok": not problems, "problems": problems},
           lambda: out.print("\n".join(problems) or f"{folder}: every file matches its build.json", markup=False))
     if problems:
-        raise VerificationFailed(f"{len(problems)} files of {folder} differ from its build.json; "
-                                 f"{_republish_hint(folder)}")
+        raise VerificationFailed(f"{len(problems)} files of the published folder differ from its build.json; "
+                                 f"to republish, {_republish_hint(folder)}")
 
 
 @main.command(name="fsck")
@@ -489,12 +489,16 @@ def fsck_command(store: ArtifactStore, as_json: bool, repair: bool, engines_dir:
             for a, problem in damaged]
     lines = [f"cache {r['stage']}/{r['key'][:12]}: {r['problem']}{' (discarded)' if repair else ''}" for r in rows]
     lines += [line for problems in published.values() for line in problems]
-    lines += [_republish_hint(Path(folder)) for folder in published] if repair else []
+    lines += [f"to republish, {_republish_hint(Path(folder))}" for folder in published] if repair else []
     _emit(as_json, {"cache": str(store.root), "ok": not lines, "artifacts": rows, "published": published},
           lambda: out.print("\n".join(lines) or f"intact: cache {store.root} and {len(folders)} published folders",
                             markup=False))
     if lines:
-        fix = ("the damaged artifacts were discarded and rebuild on the next run; republish the listed folders"
-               if repair else "run quantpipe fsck --repair")
+        fixes = []
+        if rows:
+            fixes.append("the damaged artifacts were discarded: the next run rebuilds them" if repair
+                         else "quantpipe fsck --repair discards the damaged artifacts (the next run rebuilds them)")
+        if published:
+            fixes.append("remove each damaged published folder and run its recipe again")
         raise VerificationFailed(f"{len(rows)} damaged cache artifacts, {len(published)} damaged published folders; "
-                                 f"{fix}")
+                                 + "; ".join(fixes))

@@ -245,7 +245,7 @@ def test_fsck_names_damaged_cache_and_published_files_and_repair_discards_the_ca
     repaired = quantpipe("fsck", "--repair", store=store, engines=engines)
     assert repaired.returncode == 5
     assert f"cache calibrate/{keys['calibrate'][:12]}: state.bin content differs" in repaired.stdout
-    assert f"republish {folder}: remove it and run recipe fp8 again" in repaired.stdout
+    assert f"to republish, remove {folder} and run recipe fp8 again" in repaired.stdout
     assert store.get("calibrate", keys["calibrate"]) is None, "discarded"
     result = quantpipe("fsck", store=store, engines=engines)
     assert result.returncode == 5 and result.stdout.splitlines() == [
