@@ -534,3 +534,58 @@ def _matrix_plan(plans: dict[str, list[runner.Step]], as_json: bool) -> None:
         out.print(table)
 
     _emit(as_json, {"cells": rows, "to_build": len(distinct)}, render)
+
+
+def _republish_hint(folder: Path) -> str:
+    from pipeline.publish import provenance
+
+    recipe = provenance(folder).get("recipe", {}).get("name", "<its recipe>")
+    return f"remove {folder} and run recipe {recipe} again"
+
+
+@main.command(name="verify-published")
+@click.argument("folder", type=click.Path(path_type=Path))
+@common
+def verify_published_command(store: ArtifactStore, as_json: bool, folder: Path) -> None:
+    """Check every file of a published FOLDER against the size and sha256 its build.json records.
+    Exit code 0 when all match, 5 when any differs (one line each)."""
+    from pipeline.publish import check_published
+
+    problems = check_published(folder)
+    _emit(as_json, {"folder": str(folder), "ok": not problems, "problems": problems},
+          lambda: out.print("\n".join(problems) or f"{folder}: every file matches its build.json", markup=False))
+    if problems:
+        raise VerificationFailed(f"{len(problems)} files of the published folder differ from its build.json; "
+                                 f"to republish, {_republish_hint(folder)}")
+
+
+@main.command(name="fsck")
+@click.option("--repair", is_flag=True, help="Discard damaged cache artifacts (the next run rebuilds them).")
+@click.option("--engines-dir", type=click.Path(path_type=Path), default=None,
+              help="The published folders to check (default: $QUANTPIPE_ENGINES or ./engines).")
+@common
+def fsck_command(store: ArtifactStore, as_json: bool, repair: bool, engines_dir: Path | None) -> None:
+    """Re-hash every cache artifact against its manifest and every published folder against its build.json.
+    Exit code 0 when all is intact, 5 when anything differs (one line each)."""
+    from pipeline.publish import check_published, published_folders
+
+    damaged = store.fsck(repair=repair)
+    folders = published_folders(engines_dir or default_engines_dir())
+    published = {str(folder): problems for folder in folders if (problems := check_published(folder))}
+    rows = [{"stage": a.stage, "key": a.key, "path": str(a.path), "problem": problem, "discarded": repair}
+            for a, problem in damaged]
+    lines = [f"cache {r['stage']}/{r['key'][:12]}: {r['problem']}{' (discarded)' if repair else ''}" for r in rows]
+    lines += [line for problems in published.values() for line in problems]
+    lines += [f"to republish, {_republish_hint(Path(folder))}" for folder in published] if repair else []
+    _emit(as_json, {"cache": str(store.root), "ok": not lines, "artifacts": rows, "published": published},
+          lambda: out.print("\n".join(lines) or f"intact: cache {store.root} and {len(folders)} published folders",
+                            markup=False))
+    if lines:
+        fixes = []
+        if rows:
+            fixes.append("the damaged artifacts were discarded: the next run rebuilds them" if repair
+                         else "quantpipe fsck --repair discards the damaged artifacts (the next run rebuilds them)")
+        if published:
+            fixes.append("remove each damaged published folder and run its recipe again")
+        raise VerificationFailed(f"{len(rows)} damaged cache artifacts, {len(published)} damaged published folders; "
+                                 + "; ".join(fixes))

@@ -139,7 +139,8 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
         for step in steps:
             reporter.stage_started(step)
             t0 = time.time()
-            cached = store.get(step.stage.name, step.key) if step.hit else None  # pulled if only in the remote tier
+            read = any(step.stage.name in later.record["inputs"] for later in steps if not later.hit)  # re-hash it
+            cached = store.get(step.stage.name, step.key, deep=read) if step.hit else None  # pulled if only remote
             artifact, status = (cached, "hit") if cached else _build(step, recipe, store, artifacts, reporter)
             artifacts[step.stage.name] = artifact
             outcome = Outcome(step.stage.name, step.key, status, time.time() - t0, artifact)
@@ -150,7 +151,7 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
                 break
         published = None
         if engines_dir is not None and until is None and failure is None:
-            published = publish(Path(engines_dir), recipe, artifacts)
+            published = publish(Path(engines_dir), recipe, artifacts, store)
     except BaseException as exc:
         try:
             _write_run_record(store, recipe, steps, outcomes, started, exc)

@@ -3,6 +3,8 @@
 A stage writes into a private temporary directory; the manifest (file sizes and sha256) is written last and the
 directory is renamed into place, so a killed run never leaves a half artifact under a real key. A file lock per key
 lets concurrent runs share one build. Every read checks the manifest; a damaged artifact is discarded and rebuilt.
+A read checks sizes and modification times; a deep read (an input of a stage about to run, `fsck`) re-hashes every
+file. Committed files get the modes the process umask gives new files, whatever mode their writer chose.
 With a remote URL (`pipeline.remote`), artifacts missing here are pulled from that shared tier and new ones pushed to it.
 """
 
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -40,6 +43,50 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def copy_hashed(src: Path, dst: Path) -> tuple[int, str]:
+    """Copy `src` to the new file `dst` (its mode from the umask, never a link), returning the size and sha256 of
+    the bytes written, hashed as they are copied."""
+    digest, size = hashlib.sha256(), 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as source, open(dst, "xb") as copy:
+        while chunk := source.read(_CHUNK):
+            digest.update(chunk)
+            copy.write(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (os.umask can only read by setting)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def normalise_modes(directory: Path) -> None:
+    """Give the files and folders under `directory` the modes the umask gives new ones: writers such as safetensors
+    create private (0600) files, which would stay unreadable to the other users of a shared cache or engines/.
+    A file with other hard links (a model file linked in from the user's folder) is left alone: its mode is not
+    ours to change."""
+    umask = _umask()
+    for path in (directory, *directory.rglob("*")):
+        st = path.lstat()
+        if stat.S_ISDIR(st.st_mode):
+            wanted = 0o777 & ~umask
+        elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            wanted = (0o777 if st.st_mode & stat.S_IXUSR else 0o666) & ~umask
+        else:
+            continue
+        if stat.S_IMODE(st.st_mode) != wanted:
+            os.chmod(path, wanted)
 
 
 def _fsync(path: Path) -> None:
@@ -184,8 +231,7 @@ class ArtifactStore:
             return self._pull(stage, key) if self.remote else None
         manifest, problem = self._check(path, stage, key, deep)
         if problem:
-            log.warning("damaged artifact %s/%s (%s): discarded, it will be rebuilt", stage, key[:12], problem)
-            self._discard(path)
+            self.discard(stage, key, problem)
             return self._pull(stage, key) if self.remote else None
         try:
             os.utime(path)  # last-used time, for gc
@@ -215,6 +261,7 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        normalise_modes(tmp)
         for name in manifest["files"]:
             _fsync(tmp / name)
         local = {k: v for k, v in manifest.items() if k != "remote"}
@@ -241,6 +288,7 @@ class ArtifactStore:
         started = time.time()
         try:
             metadata = build(tmp)
+            normalise_modes(tmp)
             manifest = {
                 **record,
                 "stage": stage,
@@ -293,9 +341,30 @@ class ArtifactStore:
                     return artifact
         return None
 
+    def discard(self, stage: str, key: str, problem: str) -> None:
+        """Drop a damaged artifact, saying so once; the next run that needs it rebuilds it."""
+        log.warning("damaged artifact %s/%s (%s): discarded, it will be rebuilt", stage, key[:12], problem)
+        self._discard(self.path_for(stage, key))
+
     def remove(self, artifact: Artifact) -> None:
         with self.lock(artifact.stage, artifact.key):
             self._discard(artifact.path)
+
+    def fsck(self, *, repair: bool = False) -> list[tuple[Artifact, str]]:
+        """Re-hash every artifact against its manifest: (artifact, problem) for each damaged one, discarded when
+        `repair`. Each check holds the key's lock, the one gc takes to remove an artifact, so gc never deletes one
+        between its check and its report."""
+        damaged = []
+        for artifact in self.artifacts():
+            with self.lock(artifact.stage, artifact.key):
+                if not artifact.path.is_dir():
+                    continue  # removed (by gc or a run) before the lock was ours
+                _, problem = self._check(artifact.path, artifact.stage, artifact.key, deep=True)
+                if problem:
+                    damaged.append((artifact, problem))
+                    if repair:
+                        self._discard(artifact.path)
+        return damaged
 
     def stale_temporaries(self) -> list[Path]:
         """Temporary directories no live writer holds (left by a killed run)."""

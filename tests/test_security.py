@@ -38,7 +38,7 @@ def test_tokens_in_the_environment_never_reach_manifests_logs_reports_or_cards(t
 
 def test_published_names_stay_inside_engines(tmp_path):
     recipe = load_recipe("fp8")
-    assert destination(tmp_path, "../../etc/passwd", recipe) == tmp_path / "etc-passwd" / "fp8-sm_89"
+    assert destination(tmp_path, "../../etc/passwd", recipe) == tmp_path / "etc-passwd" / "fp8-sm_89-fp8"
     assert destination(tmp_path, "org/model name", recipe).parent.parent == tmp_path
     with pytest.raises(BadInput, match="gives no usable folder name"):
         destination(tmp_path, "../..", recipe)

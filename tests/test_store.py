@@ -3,8 +3,10 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -109,6 +111,32 @@ def test_same_size_flip_with_restored_mtime_is_caught_by_a_deep_check(store):
     assert store.get("calibrate", KEY, deep=True) is None
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_committed_files_get_the_umask_modes_but_a_file_linked_in_keeps_its_owners(store, tmp_path, umask):
+    owned_elsewhere = tmp_path / "user-weights.bin"
+    owned_elsewhere.write_bytes(b"the user's own private file")
+    owned_elsewhere.chmod(0o600)
+
+    def build(out):
+        with os.fdopen(os.open(out / "weights.bin", os.O_WRONLY | os.O_CREAT, 0o600), "wb") as fh:  # like safetensors
+            fh.write(b"payload")
+        scratch = tempfile.mkdtemp(dir=out, prefix="scratch")  # 0700
+        (out / scratch / "note.txt").write_text("hello")
+        os.link(owned_elsewhere, out / "linked.bin")
+        return {}
+
+    previous = os.umask(umask)
+    try:
+        with store.lock("calibrate", KEY):
+            artifact = store.write("calibrate", KEY, build, {})
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [artifact.path, *artifact.path.rglob("*")]}
+    assert modes["weights.bin"] == modes["note.txt"] == modes[MANIFEST] == 0o666 & ~umask
+    assert [mode for name, mode in modes.items() if name == KEY or name.startswith("scratch")] == [0o777 & ~umask] * 2
+    assert modes["linked.bin"] == 0o600, "a file with other links is not the store's to change"
+
+
 def test_lock_serialises_writers_across_processes(store, tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
@@ -125,6 +153,25 @@ def test_lock_serialises_writers_across_processes(store, tmp_path):
         waited = time.monotonic() - started
     holder.wait()
     assert waited > 0.3, "the second writer must wait for the first"
+
+
+def test_fsck_takes_the_key_lock_gc_takes_to_remove_an_artifact(store):
+    _write(store)
+    script = textwrap.dedent(f"""
+        import time
+        from pipeline.store import ArtifactStore
+        store = ArtifactStore({str(store.root)!r})
+        with store.lock("calibrate", {KEY!r}):
+            print("locked", flush=True)
+            time.sleep(1.0)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    started = time.monotonic()
+    assert store.fsck() == []
+    waited = time.monotonic() - started
+    holder.wait()
+    assert waited > 0.3, "fsck must wait while another process holds the key"
 
 
 def test_gc_by_size_keeps_published_keys(store):
