@@ -24,7 +24,8 @@ from pipeline.fmt import human_bytes, parse_age, parse_size
 from pipeline.publish import published_keys
 from pipeline.recipe import load_recipe, presets
 from pipeline.stages import NAMES, by_name
-from pipeline.store import ArtifactStore, gc, write_json_atomic
+from pipeline.files import write_json_atomic
+from pipeline.store import ArtifactStore, gc
 
 class ReaderSafeStdout:
     """stdout that outlives its reader: when a pipe's reader goes away (`quantpipe run --json | head`), further

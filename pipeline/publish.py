@@ -21,7 +21,8 @@ from pathlib import Path
 from pipeline import card, host
 from pipeline.errors import BadInput, VerificationFailed
 from pipeline.recipe import Recipe
-from pipeline.store import Artifact, ArtifactStore, copy_hashed, sha256_file
+from pipeline.files import copy_hashed, sha256_file
+from pipeline.store import Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import BadInput, HostLacks
+from pipeline.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ class RemoteStore:
 
     def pull(self, stage: str, key: str, manifest: dict, dest: Path) -> None:
         """Download the artifact's files into `dest`, checking each against the manifest."""
-        from pipeline.store import sha256_file
-
         blobs = manifest["remote"]["blobs"]
         for name, expected in manifest["files"].items():
             target = dest / name

@@ -8,7 +8,8 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.store import ArtifactStore, write_json_atomic
+from pipeline.files import write_json_atomic
+from pipeline.store import ArtifactStore
 
 
 def runs_dir(store: ArtifactStore) -> Path:

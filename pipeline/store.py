@@ -10,14 +10,11 @@ With a remote URL (`pipeline.remote`), artifacts missing here are pulled from th
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
-import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,108 +25,13 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from pipeline.errors import BadInput, HostLacks
+from pipeline.files import fsync, no_space, normalise_modes, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 NOT_STAGES = ("runs", "tools")  # run records and builder caches live beside the stage directories
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def copy_hashed(src: Path, dst: Path) -> tuple[int, str]:
-    """Copy `src` to the new file `dst` (its mode from the umask, never a link), returning the size and sha256 of
-    the bytes written, hashed as they are copied."""
-    digest, size = hashlib.sha256(), 0
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(src, "rb") as source, open(dst, "xb") as copy:
-        while chunk := source.read(_CHUNK):
-            digest.update(chunk)
-            copy.write(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux exposes it (os.umask can only read by setting)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
-
-
-def normalise_modes(directory: Path) -> None:
-    """Give the files and folders under `directory` the modes the umask gives new ones: writers such as safetensors
-    create private (0600) files, which would stay unreadable to the other users of a shared cache or engines/.
-    A file with other hard links (a model file linked in from the user's folder) is left alone: its mode is not
-    ours to change."""
-    umask = _umask()
-    for path in (directory, *directory.rglob("*")):
-        st = path.lstat()
-        if stat.S_ISDIR(st.st_mode):
-            wanted = 0o777 & ~umask
-        elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-            wanted = (0o777 if st.st_mode & stat.S_IXUSR else 0o666) & ~umask
-        else:
-            continue
-        if stat.S_IMODE(st.st_mode) != wanted:
-            os.chmod(path, wanted)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so a reader sees the old file or the new one, never a torn one."""
-    part = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
-    with open(part, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(part, path)
-
-
-def link(src: Path, dst: Path) -> None:
-    """Hard-link a stored file (same bytes, no copy; artifacts are never edited in place); copy across devices."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    """link() every file under `src` into `dst`, keeping relative paths, except files named in `skip`."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for file in src.rglob("*"):
-        if file.is_file() and file.name not in skip:
-            link(file, dst / file.relative_to(src))
-
-
-def _no_space(exc: BaseException) -> bool:
-    """Writers report a full disk as OSError(ENOSPC) or, like safetensors, only in their message."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(exc)
 
 
 @dataclass(frozen=True)
@@ -263,7 +165,7 @@ class ArtifactStore:
             raise
         normalise_modes(tmp)
         for name in manifest["files"]:
-            _fsync(tmp / name)
+            fsync(tmp / name)
         local = {k: v for k, v in manifest.items() if k != "remote"}
         # pull checked every size and sha256 already; only the modification times are this disk's
         local["files"] = {name: {**entry, "mtime_ns": (tmp / name).stat().st_mtime_ns}
@@ -300,16 +202,16 @@ class ArtifactStore:
                 "seconds": round(time.time() - started, 3),
             }
             write_json_atomic(tmp / MANIFEST, manifest)
-            _fsync(tmp)
+            fsync(tmp)
             final = self.path_for(stage, key)
             if final.exists():
                 self._discard(final)
             os.rename(tmp, final)
-            _fsync(stage_dir)
+            fsync(stage_dir)
             if self.remote:
                 self.remote.push(stage, key, final, manifest)
         except BaseException as exc:
-            full = _no_space(exc) or self._disk_full()  # measured before the partial files are freed
+            full = no_space(exc) or self._disk_full()  # measured before the partial files are freed
             shutil.rmtree(tmp, ignore_errors=True)
             if full:
                 raise HostLacks(
@@ -409,7 +311,7 @@ class ArtifactStore:
     def _inventory(directory: Path) -> dict:
         files = {}
         for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-            _fsync(file)
+            fsync(file)
             st = file.stat()
             files[file.relative_to(directory).as_posix()] = {
                 "size": st.st_size,

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import runner
 from pipeline.recipe import load_recipe
-from pipeline.store import MANIFEST, ArtifactStore, write_json_atomic
+from pipeline.files import write_json_atomic
+from pipeline.store import MANIFEST, ArtifactStore
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow

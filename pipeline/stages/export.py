@@ -17,7 +17,7 @@ from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.quantize import CHECKPOINT
-from pipeline.store import link_tree
+from pipeline.files import link_tree
 
 ONNX_FILE = "model.onnx"
 ONNX_MODULES = ("onnx_graphsurgeon", "onnxconverter_common", "onnxruntime")  # ModelOpt's ONNX exporters need them
