@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -77,12 +77,21 @@ def agreement(model, prompts: Iterable[torch.Tensor], reference: list[list[int]]
 
 
 @torch.no_grad()
-def logit_parity(model_a, model_b, window: torch.Tensor) -> dict:
-    return compare_logits(model_a(window[None]).logits, model_b(window[None]).logits)
-
-
-def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Largest absolute difference and cosine similarity of two sets of logits."""
-    a, b = a.double().flatten(), b.double().flatten()
-    cosine = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-    return {"max_abs_error": round((a - b).abs().max().item(), 5), "cosine": round(cosine, 6)}
+def compare_on_windows(logits_of: Callable[[torch.Tensor], torch.Tensor], reference, windows: Iterable[torch.Tensor],
+                       ) -> dict:
+    """Logits from `logits_of(window)` ([len, vocab]: an export, a runtime) against the `reference` model on every
+    window: top-1 agreement, logit cosine and largest difference over all windows' logits, and the perplexity of
+    `logits_of` on those windows (accumulated window by window: all logits at once would take gigabytes)."""
+    dot = norm_ours = norm_reference = nll = 0.0
+    largest, matches, tokens, predicted = 0.0, 0, 0, 0
+    for window in windows:
+        ours, theirs = logits_of(window).double(), reference(window[None]).logits[0].double()
+        dot += (ours * theirs).sum().item()
+        norm_ours += ours.square().sum().item()
+        norm_reference += theirs.square().sum().item()
+        largest = max(largest, (ours - theirs).abs().max().item())
+        matches += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+        tokens, predicted = tokens + len(window), predicted + len(window) - 1
+        nll += nll_sum(ours, window)
+    return {"agreement": round(matches / tokens, 4), "max_abs_error": round(largest, 5),
+            "cosine": round(dot / math.sqrt(norm_ours * norm_reference), 6), "ppl": round(math.exp(nll / predicted), 4)}

@@ -62,17 +62,18 @@ def _export_rows(fmt: str, e: dict, r: dict) -> list[str]:
                 f"{e['onnxruntime']} | {e['max_layer_error']} | <= {e['tolerance']} |"]
     if fmt == "onnx":
         return [
-            f"| onnx in onnxruntime vs the quantized model: top-1 agreement / logit cosine (worst window) "
-            f"({e['ppl_windows']}) | {e['agreement']:.1%} / {e['cosine']:.4f} | >= {t['agreement_min']:.0%} |",
+            f"| onnx in onnxruntime vs the quantized model: top-1 agreement / logit cosine ({e['ppl_windows']}) "
+            f"| {e['agreement']:.1%} / {e['cosine']:.4f} | >= {t['agreement_min']:.0%} |",
             f"| onnx in onnxruntime: perplexity ({e['ppl_windows']}; quantized model in PyTorch: "
             f"{r['ppl_quantized']:.3f}) | {e['ppl']:.3f} | |",
             f"| onnx decode speed in onnxruntime on this host's CPU | {e['tokens_per_second']} tokens/s | |",
             f"| onnx KV-cache decode steps matching a full recompute | {e['kv_cache_steps_match']:.0%} | 100% |",
         ]
     if e["parity"]:
-        return [f"| {fmt} export logit cosine vs calibrated model | {e['parity']['cosine']:.5f} "
+        return [f"| {fmt} export logit cosine vs calibrated model, weights only ({windows(r)}) | {e['parity']['cosine']:.5f} "
                 f"(max abs {e['parity']['max_abs_error']}) | >= {t['parity_cosine_min']} |",
-                f"| {fmt} export, dequantized: perplexity ({windows(r)}) | {e['ppl_dequantized']:.3f} | |"]
+                f"| {fmt} export, dequantized weights (activations unquantized): perplexity ({windows(r)}) | "
+                f"{e['ppl_dequantized']:.3f} | |"]
     return [f"| {fmt} export shards | {len(e['shards'])} rank files, checked for completeness | |"]
 
 

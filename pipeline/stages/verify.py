@@ -168,11 +168,11 @@ class Verify(Stage):
                                original, weights, info)
         bad = _over_tolerance(layers, LAYER_TOLERANCE[recipe.quantization.format])
         on = evaluate.describe_windows(windows)
+        parity = evaluate.compare_on_windows(lambda window: plain(window[None]).logits[0], quantized, _steps(
+            track, windows, f"{fmt}: dequantized export vs calibrated model, logits and perplexity: {on}"))
         return {"quant_algo": info["quant_algo"], "kv_cache_quant_algo": info["kv_cache_quant_algo"],
                 "group_size": info["group_size"], "problems": problems, "bad_layers": bad[:5], "layers": layers,
-                "parity": evaluate.logit_parity(plain, quantized, windows[0]),
-                "ppl_dequantized": round(evaluate.perplexity(
-                    plain, _steps(track, windows, f"{fmt}: perplexity of the dequantized export: {on}")), 4)}
+                "parity": {k: parity[k] for k in ("cosine", "max_abs_error")}, "ppl_dequantized": parity["ppl"]}
 
 
 def _steps(track, items, description: str):
@@ -210,27 +210,20 @@ KV_CHECK_PROMPT, KV_CHECK_STEPS, SPEED_STEPS = 128, 3, 32
 
 def _check_decoder(decoder, runtime: str, quantized, windows, limits: dict, track) -> dict:
     """`decoder` (the exported graph in some runtime) against the calibrated model: a prefill over each evaluation
-    window (top-1 agreement, logit cosine of the worst window, and perplexity on the very windows the PyTorch
-    perplexities use), greedy steps through its KV cache against a full recompute, and the decode speed."""
-    import math
+    window (top-1 agreement, logit cosine, and perplexity on the very windows the PyTorch perplexities use),
+    greedy steps through its KV cache against a full recompute, and the decode speed."""
     import time
 
     import numpy as np
     import torch
 
-    from pipeline.evaluate import compare_logits, describe_windows, nll_sum
+    from pipeline.evaluate import compare_on_windows, describe_windows
 
-    config, matches, nll, worst = quantized.config, 0, 0.0, None
-    for window in _steps(track, windows, f"{runtime}: prefill vs the calibrated model: {describe_windows(windows)}"):
-        logits, _ = decoder.prefill_then_decode(config, window.numpy(), steps=0)
-        ours = torch.from_numpy(logits).double()
-        with torch.no_grad():
-            reference = quantized(window[None]).logits[0].double()
-        matches += int((ours.argmax(-1) == reference.argmax(-1)).sum())
-        nll += nll_sum(ours, window)
-        comparison = compare_logits(ours, reference)
-        worst = comparison if worst is None or comparison["cosine"] < worst["cosine"] else worst
-    agreement = matches / windows.numel()
+    config = quantized.config
+    on = describe_windows(windows)
+    compared = compare_on_windows(
+        lambda window: torch.from_numpy(decoder.prefill_then_decode(config, window.numpy(), steps=0)[0]), quantized,
+        _steps(track, windows, f"{runtime}: prefill vs the calibrated model, logits and perplexity: {on}"))
     prompt = windows[0][:KV_CHECK_PROMPT]
     _, steps = decoder.prefill_then_decode(config, prompt.numpy(), KV_CHECK_STEPS, progress=lambda r: _steps(
         track, r, f"{runtime}: KV-cache decoding vs a full recompute"))
@@ -242,15 +235,13 @@ def _check_decoder(decoder, runtime: str, quantized, windows, limits: dict, trac
         track, r, f"{runtime}: decode speed, {SPEED_STEPS} single-token steps"))
     tokens_per_second = SPEED_STEPS / (time.perf_counter() - started)  # one short prefill, then the steps
     problems = []
-    if agreement < limits["agreement_min"]:
-        problems.append(f"{runtime} top-1 agreement {agreement:.2f} with the calibrated model < "
+    if compared["agreement"] < limits["agreement_min"]:
+        problems.append(f"{runtime} top-1 agreement {compared['agreement']:.2f} with the calibrated model < "
                         f"{limits['agreement_min']}")
     kv_match = float(np.mean([a == b for a, b in zip(steps, recomputed)]))
     if kv_match < 1.0:
         problems.append(f"{runtime}: KV-cache decoding disagrees with a full recompute on {1 - kv_match:.0%} of steps")
-    return {"problems": problems, "bad_layers": [], "layers": [], "parity": None, "agreement": round(agreement, 4),
-            **worst, "ppl": round(math.exp(nll / (windows.numel() - windows.shape[0])), 4),
-            "ppl_windows": describe_windows(windows),
+    return {"problems": problems, "bad_layers": [], "layers": [], "parity": None, **compared, "ppl_windows": on,
             "kv_cache_steps_match": kv_match, "tokens_per_second": round(tokens_per_second, 1)}
 
 
