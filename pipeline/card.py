@@ -31,16 +31,41 @@ def render(facts: dict) -> str:
     quality = facts.get("quality")
     lines += ["", "## Quality", ""]
     if quality:
-        lines += [f"- perplexity ratio vs the unquantized model: {quality['ppl_ratio']:.3f} "
-                  f"(threshold {quality['ppl_ratio_max']})",
+        lines += [f"- perplexity ratio vs the unquantized model on the same held-out windows: "
+                  f"{quality['ppl_ratio']:.3f} (threshold {quality['ppl_ratio_max']})",
                   f"- greedy generation token agreement: {quality['agreement']:.1%} "
                   f"(threshold {quality['agreement_min']:.0%})",
                   "- full report: [report.md](../report.md)"]
     else:
         lines.append("Not verified yet: run `quantpipe run` through the verify stage.")
-    lines += ["", "Note: this checkpoint uses ModelOpt's quantization layout; plain transformers does not dequantize "
-              "it. Load it with TensorRT-LLM, vLLM or SGLang, or build an engine with quantpipe.", ""]
+    lines += ["", "## How to load it", "", loading(facts["export"], facts["format"]), ""]
     return "\n".join(lines)
+
+
+# ModelOpt quant_algos that vLLM and SGLang read from a unified HF checkpoint (hf_quant_config.json).
+SERVING_ENGINE_FORMATS = ("fp8", "nvfp4")
+
+
+def loading(export: str, fmt: str) -> str:
+    """What actually loads each kind of export: they are three different layouts for different runtimes."""
+    if export == "trtllm":
+        return ("A TensorRT-LLM checkpoint (config.json + rank{N}.safetensors, one per tp x pp rank): only "
+                "TensorRT-LLM reads it. Build an engine with `trtllm-build --checkpoint_dir <this folder>` "
+                "(TensorRT-LLM 1.2 or older), or let quantpipe do it (`build.backend: trtllm`). vLLM, SGLang and "
+                "transformers do not load this layout.")
+    if export == "onnx":
+        runtime = ("Its FP4 ops (TRT_FP4DynamicQuantize, TRT_FP4QDQ) run in TensorRT only, not in onnxruntime."
+                   if fmt.startswith("nvfp4") else "onnxruntime also runs it (CPU or GPU), e.g. to check outputs.")
+        return ("An ONNX decoder with Q/DQ nodes and an explicit KV cache (inputs input_ids, attention_mask, "
+                "past_key, past_value; outputs logits, present_key, present_value). Build a TensorRT-RTX engine "
+                f"from it (quantpipe `build.backend: tensorrt-rtx`). {runtime} It is not a checkpoint for "
+                "TensorRT-LLM, vLLM or SGLang.")
+    serving = (f"vLLM and SGLang load it too (ModelOpt {fmt.upper()} checkpoint)." if fmt in SERVING_ENGINE_FORMATS
+               else f"vLLM and SGLang read ModelOpt checkpoints in {' and '.join(SERVING_ENGINE_FORMATS).upper()} "
+                    f"only, not {fmt}.")
+    return ("ModelOpt's unified Hugging Face checkpoint (hf_quant_config.json): TensorRT-LLM's LLM API (PyTorch "
+            f"backend; quantpipe `build.backend: trtllm-pytorch`) loads it. {serving} Plain transformers does not "
+            "dequantize this layout.")
 
 
 def facts(recipe: Recipe, artifacts: dict[str, Artifact]) -> dict:
@@ -54,4 +79,7 @@ def facts(recipe: Recipe, artifacts: dict[str, Artifact]) -> dict:
 
 
 def sharding(recipe: Recipe, fmt: str) -> dict:
-    return {"tp": recipe.export.tp, "pp": recipe.export.pp} if fmt == "trtllm" else {"tp": 1, "pp": 1}
+    """The facts that differ between one run's exports: which export it is (its card says what loads it) and its
+    sharding."""
+    tp, pp = (recipe.export.tp, recipe.export.pp) if fmt == "trtllm" else (1, 1)
+    return {"export": fmt, "tp": tp, "pp": pp}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -331,12 +332,14 @@ class StepDecoder:
     def __call__(self, ids: np.ndarray, mask: np.ndarray, past_key: np.ndarray, past_value: np.ndarray):
         raise NotImplementedError
 
-    def prefill_then_decode(self, config, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, list[int]]:
-        """Logits of the prompt (past length 0), then `steps` greedy tokens fed back one by one through the cache."""
+    def prefill_then_decode(self, config, prompt: np.ndarray, steps: int,
+                            progress: Callable[[range], Iterable] = iter) -> tuple[np.ndarray, list[int]]:
+        """Logits of the prompt (past length 0), then `steps` greedy tokens fed back one by one through the cache
+        (`progress` wraps the steps, e.g. in a progress bar)."""
         empty = np.zeros(kv_shape(config, 1, 0), np.float32)
         logits, key, value = self(prompt[None], np.ones((1, len(prompt))), empty, empty)
         prompt_logits, tokens = logits[0], []
-        for _ in range(steps):
+        for _ in progress(range(steps)):
             tokens.append(int(logits[0, -1].argmax()))
             mask = np.ones((1, key.shape[3] + 1))
             logits, key, value = self(np.array([[tokens[-1]]]), mask, key, value)

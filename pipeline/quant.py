@@ -14,7 +14,7 @@ import json
 import logging
 import pickle
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pipeline.errors import BadInput
@@ -97,17 +97,34 @@ def _use_cpu_nvfp4(config: dict) -> None:
                 cfg["backend"] = CPU_NVFP4_BACKEND
 
 
+class _LineLog(io.TextIOBase):
+    """A stdout that sends each complete line to the debug log and to `on_line` as soon as it is printed."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line, self.pending = on_line, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.emit(line)
+        return len(text)
+
+    def emit(self, line: str) -> None:
+        if line.strip():
+            log.debug("modelopt: %s", line)
+            self.on_line(line.strip())
+
+
 @contextlib.contextmanager
-def library_prints() -> Iterator[None]:
-    """ModelOpt prints progress to stdout, where --json output goes: route it to the debug log instead."""
-    buffer = io.StringIO()
+def library_prints(on_line: Callable[[str], None] = lambda line: None) -> Iterator[None]:
+    """ModelOpt prints progress to stdout, where --json output goes: route it to the debug log instead, line by
+    line while it runs, and to `on_line` (ModelOpt announces its calibration phases this way)."""
+    sink = _LineLog(on_line)
     try:
-        with contextlib.redirect_stdout(buffer):
+        with contextlib.redirect_stdout(sink):
             yield
     finally:
-        for line in buffer.getvalue().splitlines():
-            if line.strip():
-                log.debug("modelopt: %s", line)
+        sink.emit(sink.pending)
 
 
 def _algorithm(spec: QuantizationSpec) -> str | dict:

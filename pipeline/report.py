@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.fmt import human_bytes
+from pipeline.fmt import human_bytes, in_unit
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "plot.png"
+PLOT_UNIT = "MiB"
 
 
 def write(out: Path, result: dict, layers: dict[str, list[dict]]) -> None:
@@ -16,63 +17,115 @@ def write(out: Path, result: dict, layers: dict[str, list[dict]]) -> None:
     plot(out / PLOT, result, layers)
 
 
+def windows(r: dict) -> str:
+    """The windows every perplexity in a report was measured on: perplexities from different windows differ
+    (a short window gives its tokens less context), so each one says which."""
+    w = r["eval_windows"]
+    return f"{w['count']} x {w['length']} tokens"
+
+
 def markdown(r: dict) -> str:
-    t = r["thresholds"]
+    t, on = r["thresholds"], windows(r)
     lines = [
         f"# Verification: {r['format']} — {'PASSED' if r['passed'] else 'FAILED'}",
         "",
+        f"Every perplexity below is measured on the same {r['eval_windows']['count']} windows of "
+        f"{r['eval_windows']['length']} held-out tokens ({r['eval_tokens']} tokens), each window scored on its own.",
+        "",
         "| check | value | threshold |",
         "| --- | --- | --- |",
-        f"| perplexity (unquantized) | {r['ppl_original']:.3f} | |",
-        f"| perplexity (quantized) | {r['ppl_quantized']:.3f} | |",
-        f"| perplexity ratio | {r['ppl_ratio']:.4f} | <= {t['ppl_ratio_max']} |",
+        f"| perplexity, unquantized model ({on}) | {r['ppl_original']:.3f} | |",
+        f"| perplexity, quantized model ({on}) | {r['ppl_quantized']:.3f} | |",
+        f"| perplexity ratio, quantized / unquantized ({on}) | {r['ppl_ratio']:.4f} | <= {t['ppl_ratio_max']} |",
         f"| greedy generation agreement | {r['agreement']:.1%} | >= {t['agreement_min']:.0%} |",
     ]
     for fmt, e in r["exports"].items():
-        if fmt == "onnx" and "onnxruntime" in e:
-            lines.append(f"| onnx FP4 weights dequantized vs calibrated layers (max relative error); onnxruntime "
-                         f"{e['onnxruntime']} | {e['max_layer_error']} | <= {e['tolerance']} |")
-        elif fmt == "onnx":
-            lines.append(f"| onnx in onnxruntime: top-1 agreement / cosine / ppl vs calibrated model | "
-                         f"{e['agreement']:.1%} / {e['cosine']:.4f} / {e['ppl']:.3f} | >= {t['agreement_min']:.0%} |")
-            lines.append(f"| onnx decode speed in onnxruntime on this host's CPU | {e['tokens_per_second']} tokens/s | |")
-            lines.append(f"| onnx KV-cache decode steps matching a full recompute | {e['kv_cache_steps_match']:.0%} "
-                         f"| 100% |")
-        elif e["parity"]:
-            lines.append(f"| {fmt} export logit cosine vs calibrated model | {e['parity']['cosine']:.5f} "
-                         f"(max abs {e['parity']['max_abs_error']}) | >= {t['parity_cosine_min']} |")
-        else:
-            lines.append(f"| {fmt} export shards | {len(e['shards'])} rank files, checked for completeness | |")
+        lines += _export_rows(fmt, e, r)
         lines.append(f"| {fmt} export size | {human_bytes(r['sizes'][fmt])} "
                      f"({r['sizes'][fmt] / r['fp16_bytes']:.2f}x of fp16) | |")
-    lines += ["", f"Evaluated on {r['eval_tokens']} held-out tokens. Engine: {r['engine']}.", ""]
+    lines += ["", f"Engine: {r['engine']}.", ""]
     if r["failures"]:
         lines += ["## Failures", "", *(f"- {f}" for f in r["failures"]), ""]
-    lines += ["## Generations", ""]
+    prompting = ("through the tokenizer's chat template, assistant turn opened (instruct model)"
+                 if r["prompt_format"] == "chat template" else "as raw text (the tokenizer has no chat template)")
+    lines += ["## Generations", "", f"Greedy, prompts given {prompting}.", ""]
     for g in r["generations"]:
         lines += [f"**{g['prompt']}**", "", f"- unquantized: {g['original']!r}", f"- quantized: {g['quantized']!r}", ""]
-    lines += ["![perplexity, size and per-layer error](plot.png)", ""]
+    lines += ["![size and per-layer error](plot.png)", ""]
     return "\n".join(lines)
 
 
+def _export_rows(fmt: str, e: dict, r: dict) -> list[str]:
+    t = r["thresholds"]
+    if fmt == "onnx" and "onnxruntime" in e:
+        return [f"| onnx FP4 weights dequantized vs calibrated layers (max relative error); onnxruntime "
+                f"{e['onnxruntime']} | {e['max_layer_error']} | <= {e['tolerance']} |"]
+    if fmt == "onnx":
+        return [
+            f"| onnx in onnxruntime vs the quantized model: top-1 agreement / logit cosine ({e['ppl_windows']}) "
+            f"| {e['agreement']:.1%} / {e['cosine']:.4f} | >= {t['agreement_min']:.0%} |",
+            f"| onnx in onnxruntime: perplexity ({e['ppl_windows']}; quantized model in PyTorch: "
+            f"{r['ppl_quantized']:.3f}) | {e['ppl']:.3f} | |",
+            f"| onnx decode speed in onnxruntime on this host's CPU | {e['tokens_per_second']} tokens/s | |",
+            f"| onnx KV-cache decode steps matching a full recompute | {e['kv_cache_steps_match']:.0%} | 100% |",
+        ]
+    if e["parity"]:
+        return [f"| {fmt} export logit cosine vs calibrated model, weights only ({windows(r)}) | {e['parity']['cosine']:.5f} "
+                f"(max abs {e['parity']['max_abs_error']}) | >= {t['parity_cosine_min']} |",
+                f"| {fmt} export, dequantized weights (activations unquantized): perplexity ({windows(r)}) | "
+                f"{e['ppl_dequantized']:.3f} | |"]
+    return [f"| {fmt} export shards | {len(e['shards'])} rank files, checked for completeness | |"]
+
+
 def plot(path: Path, r: dict, layers: dict[str, list[dict]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(r, layers)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def figure(r: dict, layers: dict[str, list[dict]]):
+    """Sizes (one binary unit, as in the tables) and per-layer export errors against the layer tolerance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5), layout="constrained")
     names = ["fp16", *r["sizes"]]
-    sizes = [r["fp16_bytes"] / 1e6, *(b / 1e6 for b in r["sizes"].values())]
+    sizes = [in_unit(b, PLOT_UNIT) for b in (r["fp16_bytes"], *r["sizes"].values())]
     left.bar(names, sizes, color=["grey", *["tab:blue"] * len(r["sizes"])])
-    left.set_ylabel("MB")
-    left.set_title(f"size; perplexity ratio {r['ppl_ratio']:.3f} (max {r['thresholds']['ppl_ratio_max']})")
+    left.set_ylabel(f"size ({PLOT_UNIT}, 2^20 bytes)")
+    left.set_title(f"size; perplexity ratio {r['ppl_ratio']:.3f} (max {r['thresholds']['ppl_ratio_max']}, "
+                   f"{windows(r)})")
     for fmt, rows in layers.items():
-        right.plot([row["error"] for row in rows], marker=".", linestyle="none", label=fmt)
+        for label, marker, part in _series(fmt, rows):
+            right.plot([i for i, _ in part], [row["error"] for _, row in part], marker=marker, linestyle="none",
+                       label=label)
+    if any(layers.values()):
+        right.axhline(r["layer_tolerance"], color="tab:red", linestyle="--",
+                      label=f"tolerance {r['layer_tolerance']}")
     right.set_xlabel("quantized layer (model order)")
     right.set_ylabel("relative weight error vs calibrated")
-    right.set_title("per-layer export error")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    right.set_title("per-layer export error (dequantized export vs calibrated model)")
+    if any(layers.values()):
+        right.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    else:
+        right.text(0.5, 0.5, "no per-layer weights to compare\n(exports checked by running them)",
+                   ha="center", va="center", transform=right.transAxes)
+    return fig
+
+
+def _series(fmt: str, rows: list[dict]) -> list[tuple[str, str, list[tuple[int, dict]]]]:
+    """One plotted series per export with layers, the TensorRT-LLM layout's fused layers apart: q/k/v and
+    gate/up share one scale there, so all but the largest of each fused group requantize with a coarser scale."""
+    indexed = list(enumerate(rows))
+    shared = [(i, row) for i, row in indexed if row.get("shared_scale")]
+    own = [(i, row) for i, row in indexed if not row.get("shared_scale")]
+    series = [(fmt, ".", own)]
+    if shared:
+        series = [(f"{fmt}: own scale", ".", own),
+                  (f"{fmt}: fused q/k/v, gate/up: one shared scale, coarser for all but the largest part", "x",
+                   shared)]
+    return [s for s in series if s[2]]

@@ -4,9 +4,12 @@ then serves every export (HF, TensorRT-LLM at any tp/pp) and every engine built 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 
 from pipeline import data
 from pipeline.errors import BadInput
@@ -16,6 +19,22 @@ from pipeline.stages.base import Stage, StageContext
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def layer_progress(track: Callable[..., Iterable], layers: list, batches: int, description: str) -> Iterator[None]:
+    """Progress counted in layer forwards, not batches: AWQ's search runs a dozen forwards inside every layer, so
+    one batch can take minutes while each layer takes a second."""
+    total = len(layers) * batches
+    ticks = iter(track(itertools.repeat(None, total), total=total, description=description))
+    handles = [layer.register_forward_hook(lambda *_: next(ticks, None)) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for _ in ticks:  # ends the bar (a layer some batch skipped, e.g. an idle expert, still counts as done)
+            pass
 
 
 def check_seq_len(seq_len: int, model: dict) -> None:
@@ -57,16 +76,30 @@ class Calibrate(Stage):
         windows = data.token_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
         plan = plan_quantization(spec, model)
         batches = list(torch.split(windows, calib.batch_size))
+        phases: list[str] = []  # what ModelOpt announced since the last pass ("awq_lite: Searching parameters...")
+        passes = 0
+
+        def announce(line: str) -> None:
+            if line.endswith("..."):  # ModelOpt's phase lines; others are summaries ("Inserted 756 quantizers")
+                phases.append(line.rstrip("."))
 
         def forward_loop(m) -> None:
-            with torch.no_grad():
-                for batch in ctx.track(batches, total=len(batches), description="calibrating"):
+            """ModelOpt calls this once per calibration pass (AWQ twice: statistics, then the scale search)."""
+            nonlocal passes
+            passes += 1
+            layers = [module for module in m.modules() if isinstance(module, torch.nn.Linear)]
+            phase = phases[-1] if phases else f"{spec.resolved_algorithm} calibration"
+            phases.clear()
+            description = (f"pass {passes}, {phase}: {len(batches)} batches of {calib.batch_size} x "
+                           f"{calib.seq_len} tokens through {len(layers)} layers")
+            with torch.no_grad(), layer_progress(ctx.track, layers, len(batches), description):
+                for batch in batches:
                     m(batch)
 
         mtq, _ = modelopt()
         before = weight_digests(model)
         started = time.time()
-        with library_prints():
+        with library_prints(on_line=announce):
             mtq.quantize(model, plan.config, forward_loop)
         seconds = time.time() - started
         saved = save_calibration(model, loaded / "model" / "model.safetensors", ctx.out, before)

@@ -6,6 +6,7 @@ and the failing report stays in the store like any other result."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline import data
@@ -34,7 +35,7 @@ def thresholds(recipe: Recipe) -> dict:
 
 class Verify(Stage):
     name = "verify"
-    version = "1"
+    version = "2"
     inputs = ("load", "calibrate", "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors")
@@ -71,27 +72,37 @@ class Verify(Stage):
         quantized, _ = load_model(loaded / "model")
         restore_calibration(quantized, calibrated.path)
         folded = fold_weight_quantization(quantized)
+        tolerance = LAYER_TOLERANCE[recipe.quantization.format]
+        on = evaluate.describe_windows(windows)
 
-        ppl_original = evaluate.perplexity(original, windows)
-        ppl_quantized = evaluate.perplexity(quantized, windows)
+        ppl_original = evaluate.perplexity(original, _steps(ctx.track, windows, f"perplexity, unquantized: {on}"))
+        ppl_quantized = evaluate.perplexity(quantized, _steps(ctx.track, windows, f"perplexity, quantized: {on}"))
         prompts = [evaluate.prompt_ids(tokenizer, p) for p in spec.prompts]
-        texts_original = evaluate.generate(original, tokenizer, prompts, spec.max_new_tokens)
-        texts_quantized = evaluate.generate(quantized, tokenizer, prompts, spec.max_new_tokens)
-        agree = evaluate.agreement(quantized, prompts, texts_original)
+        asked = f"{len(prompts)} prompts x {spec.max_new_tokens} new tokens"
+        texts_original = evaluate.generate(original, tokenizer, _steps(
+            ctx.track, prompts, f"greedy generation, unquantized: {asked}"), spec.max_new_tokens)
+        texts_quantized = evaluate.generate(quantized, tokenizer, _steps(
+            ctx.track, prompts, f"greedy generation, quantized: {asked}"), spec.max_new_tokens)
+        agree = evaluate.agreement(quantized, _steps(ctx.track, prompts, f"teacher-forced agreement: {asked}"),
+                                   texts_original)
 
+        # The ONNX decoder and the engine built from it quantize activations too: compare them with the fully
+        # quantized model, on the same windows as its perplexity.
+        exports, failures = {}, []
+        if "onnx" in exported.metadata["formats"]:
+            exports["onnx"] = _check_onnx(exported.path / "onnx", quantized, folded, original, windows, limits,
+                                          tolerance, ctx.track)
+        engine_status, engine_run = _check_engine(ctx.inputs.get("build"), recipe, quantized, windows, limits,
+                                                  ctx.track)
         # Parity: weight-only view of the calibrated model (activation and KV quantizers off, pre-quant scales kept)
         # against a plain model holding each export's dequantized weights.
         mtq, _ = modelopt()
         for pattern in ("*input_quantizer", "*output_quantizer", "*_bmm_quantizer"):
             mtq.disable_quantizer(quantized, pattern)
-        exports, failures = {}, []
         for fmt in exported.metadata["formats"]:
-            if fmt == "onnx":
-                exports[fmt] = _check_onnx(exported.path / fmt, quantized, folded, original, windows, limits,
-                                           LAYER_TOLERANCE[recipe.quantization.format])
-            else:
+            if fmt != "onnx":
                 exports[fmt] = self._check_export(exported.path / fmt, quantized, folded, original, loaded, windows,
-                                                  recipe)
+                                                  recipe, ctx.track)
         for fmt, result in exports.items():
             failures += [f"{fmt}: {p}" for p in result["problems"]]
             failures += [f"{fmt}: {layer['layer']} dequantizes {layer['error']:.2f} away from the calibrated layer "
@@ -99,7 +110,6 @@ class Verify(Stage):
             if result["parity"] and result["parity"]["cosine"] < limits["parity_cosine_min"]:
                 failures.append(f"{fmt}: logit cosine {result['parity']['cosine']:.4f} < "
                                 f"{limits['parity_cosine_min']}")
-        engine_status, engine_run = _check_engine(ctx.inputs.get("build"), recipe, quantized, windows, limits)
         failures += [f"engine: {p}" for p in (engine_run or {}).get("problems", [])]
         ratio = ppl_quantized / ppl_original
         if ratio > limits["ppl_ratio_max"]:
@@ -109,10 +119,13 @@ class Verify(Stage):
 
         result = {
             "passed": not failures, "failures": failures, "thresholds": limits, "format": recipe.quantization.format,
-            "eval_tokens": int(windows.numel()), "ppl_original": round(ppl_original, 4),
-            "ppl_quantized": round(ppl_quantized, 4), "ppl_ratio": round(ratio, 4), "agreement": round(agree, 4),
+            "layer_tolerance": tolerance, "eval_tokens": int(windows.numel()),
+            "eval_windows": {"count": windows.shape[0], "length": windows.shape[1]},
+            "ppl_original": round(ppl_original, 4), "ppl_quantized": round(ppl_quantized, 4),
+            "ppl_ratio": round(ratio, 4), "agreement": round(agree, 4),
             "parity": {fmt: r["parity"]["cosine"] for fmt, r in exports.items() if r["parity"]},
             "exports": {fmt: {k: v for k, v in r.items() if k != "layers"} for fmt, r in exports.items()},
+            "prompt_format": "chat template" if evaluate.uses_chat_template(tokenizer) else "raw text",
             "generations": [{"prompt": p, "original": tokenizer.decode(a, skip_special_tokens=True),
                              "quantized": tokenizer.decode(b, skip_special_tokens=True)}
                             for p, a, b in zip(spec.prompts, texts_original, texts_quantized)],
@@ -124,7 +137,8 @@ class Verify(Stage):
         return result
 
     @staticmethod
-    def _check_export(folder: Path, quantized, folded: list[str], original, loaded, windows, recipe: Recipe) -> dict:
+    def _check_export(folder: Path, quantized, folded: list[str], original, loaded, windows, recipe: Recipe,
+                      track) -> dict:
         import torch
 
         from pipeline import evaluate
@@ -132,6 +146,7 @@ class Verify(Stage):
         from pipeline.modeling import load_model
 
         info = read_config(folder)
+        fmt = folder.name
         problems = _config_problems(info, quantized.config, recipe)
         world = recipe.export.tp * recipe.export.pp if info["layout"] == "trtllm" else 1
         if world > 1:
@@ -148,21 +163,28 @@ class Verify(Stage):
         plain, _ = load_model(loaded / "model")
         state = plain.state_dict()
         plain.load_state_dict({k: v.to(state[k].dtype) for k, v in weights.items() if k in state}, strict=False)
-        layers = _layer_errors(quantized, folded, original, weights, info)
-        tolerance = LAYER_TOLERANCE[recipe.quantization.format]
-        bad = _over_tolerance(layers, tolerance)
+        layers = _layer_errors(quantized, _steps(track, folded, f"{fmt}: dequantized layers vs calibrated"),
+                               original, weights, info)
+        bad = _over_tolerance(layers, LAYER_TOLERANCE[recipe.quantization.format])
+        on = evaluate.describe_windows(windows)
+        parity = evaluate.compare_on_windows(lambda window: plain(window[None]).logits[0], quantized, _steps(
+            track, windows, f"{fmt}: dequantized export vs calibrated model, logits and perplexity: {on}"))
         return {"quant_algo": info["quant_algo"], "kv_cache_quant_algo": info["kv_cache_quant_algo"],
                 "group_size": info["group_size"], "problems": problems, "bad_layers": bad[:5], "layers": layers,
-                "parity": evaluate.logit_parity(plain, quantized, windows[0]),
-                "ppl_dequantized": round(evaluate.perplexity(plain, windows[:1]), 4)}
+                "parity": {k: parity[k] for k in ("cosine", "max_abs_error")}, "ppl_dequantized": parity["ppl"]}
 
 
-def _check_onnx(folder: Path, quantized, folded: list[str], original, windows, limits: dict,
-                tolerance: float) -> dict:
-    """Run the Q/DQ ONNX decoder in onnxruntime: a prefill over held-out text (top-1 agreement, logit cosine and
-    perplexity against the calibrated model), then greedy steps through its KV cache against a full recompute.
-    A graph with TensorRT-only ops (NVFP4's dynamic FP4 quantization) cannot run there: its weights are
-    dequantized by hand and compared layer by layer instead, and the report says onnxruntime did not run it."""
+def _steps(track, items, description: str):
+    """`items` through the stage's progress display, with their count as its total."""
+    items = list(items)
+    return track(items, total=len(items), description=description)
+
+
+def _check_onnx(folder: Path, quantized, folded: list[str], original, windows, limits: dict, tolerance: float,
+                track) -> dict:
+    """Run the Q/DQ ONNX decoder in onnxruntime (see _check_decoder). A graph with TensorRT-only ops (NVFP4's
+    dynamic FP4 quantization) cannot run there: its weights are dequantized by hand and compared layer by layer
+    instead, and the report says onnxruntime did not run it."""
     import onnx
 
     from pipeline.dequant import onnx_fp4_weights
@@ -172,50 +194,57 @@ def _check_onnx(folder: Path, quantized, folded: list[str], original, windows, l
     trt_only = sorted({n.op_type for n in onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph.node
                        if n.domain == "trt"})
     if trt_only:
-        layers = _layer_errors(quantized, folded, original, onnx_fp4_weights(folder / ONNX_FILE), {"layout": "onnx"})
+        layers = _layer_errors(quantized, _steps(track, folded, "onnx: FP4 weights vs calibrated layers"), original,
+                               onnx_fp4_weights(folder / ONNX_FILE), {"layout": "onnx"})
         bad = _over_tolerance(layers, tolerance)
         problems = [] if layers else ["no FP4 weights found in the ONNX"]
         return {"problems": problems, "bad_layers": bad, "layers": layers, "parity": None,
                 "onnxruntime": f"not run: {', '.join(trt_only)} only run in TensorRT; FP4 weights checked instead",
                 "max_layer_error": max((row["error"] for row in layers), default=None), "tolerance": tolerance}
-    return _check_decoder(OrtDecoder(folder / ONNX_FILE), "onnxruntime", quantized, windows[0][:128], limits)
+    return _check_decoder(OrtDecoder(folder / ONNX_FILE), "onnxruntime", quantized, windows, limits, track)
 
 
-def _check_decoder(decoder, runtime: str, quantized, window, limits: dict) -> dict:
-    """A prefill over held-out text through `decoder` (top-1 agreement, logit cosine and perplexity against the
-    calibrated model), then greedy steps through its KV cache against a full recompute, and the decode speed."""
-    import math
+KV_CHECK_PROMPT, KV_CHECK_STEPS, SPEED_STEPS = 128, 3, 32
+
+
+def _check_decoder(decoder, runtime: str, quantized, windows, limits: dict, track) -> dict:
+    """`decoder` (the exported graph in some runtime) against the calibrated model: a prefill over each evaluation
+    window (top-1 agreement, logit cosine, and perplexity on the very windows the PyTorch perplexities use),
+    greedy steps through its KV cache against a full recompute, and the decode speed."""
     import time
 
     import numpy as np
     import torch
 
-    from pipeline.evaluate import compare_logits
+    from pipeline.evaluate import compare_on_windows, describe_windows
 
-    logits, steps = decoder.prefill_then_decode(quantized.config, window.numpy(), steps=3)
-    started = time.perf_counter()
-    decoder.prefill_then_decode(quantized.config, window[:8].numpy(), steps=32)
-    tokens_per_second = 32 / (time.perf_counter() - started)  # one short prefill, then 32 single-token steps
+    config = quantized.config
+    on = describe_windows(windows)
+    compared = compare_on_windows(
+        lambda window: torch.from_numpy(decoder.prefill_then_decode(config, window.numpy(), steps=0)[0]), quantized,
+        _steps(track, windows, f"{runtime}: prefill vs the calibrated model, logits and perplexity: {on}"))
+    prompt = windows[0][:KV_CHECK_PROMPT]
+    _, steps = decoder.prefill_then_decode(config, prompt.numpy(), KV_CHECK_STEPS, progress=lambda r: _steps(
+        track, r, f"{runtime}: KV-cache decoding vs a full recompute"))
     with torch.no_grad():
-        reference = quantized(window[None]).logits[0].double()
-        extended = torch.cat([window, torch.tensor(steps)])
-        recomputed = quantized(extended[None]).logits[0, len(window) - 1:-1].argmax(-1).tolist()
-    ours = torch.from_numpy(logits).double()
-    agreement = (ours.argmax(-1) == reference.argmax(-1)).double().mean().item()
-    nll = torch.nn.functional.cross_entropy(ours[:-1], window[1:]).item()
+        extended = torch.cat([prompt, torch.tensor(steps)])
+        recomputed = quantized(extended[None]).logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+    started = time.perf_counter()
+    decoder.prefill_then_decode(config, prompt[:8].numpy(), SPEED_STEPS, progress=lambda r: _steps(
+        track, r, f"{runtime}: decode speed, {SPEED_STEPS} single-token steps"))
+    tokens_per_second = SPEED_STEPS / (time.perf_counter() - started)  # one short prefill, then the steps
     problems = []
-    if agreement < limits["agreement_min"]:
-        problems.append(f"{runtime} top-1 agreement {agreement:.2f} with the calibrated model < "
+    if compared["agreement"] < limits["agreement_min"]:
+        problems.append(f"{runtime} top-1 agreement {compared['agreement']:.2f} with the calibrated model < "
                         f"{limits['agreement_min']}")
     kv_match = float(np.mean([a == b for a, b in zip(steps, recomputed)]))
     if kv_match < 1.0:
         problems.append(f"{runtime}: KV-cache decoding disagrees with a full recompute on {1 - kv_match:.0%} of steps")
-    return {"problems": problems, "bad_layers": [], "layers": [], "parity": None, "agreement": round(agreement, 4),
-            **compare_logits(ours, reference), "ppl": round(math.exp(nll), 4), "kv_cache_steps_match": kv_match,
-            "tokens_per_second": round(tokens_per_second, 1)}
+    return {"problems": problems, "bad_layers": [], "layers": [], "parity": None, **compared, "ppl_windows": on,
+            "kv_cache_steps_match": kv_match, "tokens_per_second": round(tokens_per_second, 1)}
 
 
-def _check_engine(build, recipe: Recipe, quantized, windows, limits: dict) -> tuple[str, dict | None]:
+def _check_engine(build, recipe: Recipe, quantized, windows, limits: dict, track) -> tuple[str, dict | None]:
     """Run the engine where this host has a GPU it was built for; otherwise say why not. An engine is never
     claimed to pass without having run."""
     from pipeline.backends.tensorrt_rtx import ENGINE_FILE, engine_decoder, runnable_here
@@ -231,8 +260,8 @@ def _check_engine(build, recipe: Recipe, quantized, windows, limits: dict) -> tu
     if gpu is None:
         wanted = "/".join(f"sm_{cc.removeprefix('SM')}" for cc in build.metadata["compute_capability"].split(","))
         return f"{backend} engine built ({size}); not run: no {wanted} GPU on this host", None
-    result = _check_decoder(engine_decoder(build / ENGINE_FILE), f"engine on {gpu}", quantized, windows[0][:128],
-                            limits)
+    fitting = windows[:, :recipe.build.max_input_len]  # the engine's profile caps one prefill's length
+    result = _check_decoder(engine_decoder(build / ENGINE_FILE), f"engine on {gpu}", quantized, fitting, limits, track)
     return (f"{backend} engine ({size}) ran on {gpu}: top-1 agreement {result['agreement']:.1%}, cosine "
             f"{result['cosine']:.4f}, {result['tokens_per_second']} tokens/s"), result
 
@@ -260,9 +289,11 @@ def _config_problems(info: dict, model_config, recipe: Recipe) -> list[str]:
     return problems
 
 
-def _layer_errors(quantized, folded: list[str], original, weights: dict, info: dict) -> list[dict]:
+def _layer_errors(quantized, folded: Iterable[str], original, weights: dict, info: dict) -> list[dict]:
     """Per quantized layer: relative distance between the export's effective weight and the calibrated one
-    (`folded` layers hold their fake-quantized weight)."""
+    (`folded` layers hold their fake-quantized weight). In the TensorRT-LLM layout q/k/v and gate/up are fused
+    into one weight with one scale, the largest of its parts', so all but the largest part requantize coarser:
+    those rows say `shared_scale`."""
     import torch
 
     rows = []
@@ -287,5 +318,6 @@ def _layer_errors(quantized, folded: list[str], original, weights: dict, info: d
             tensors = {"hf": f"{name}.weight / {name}.weight_scale",
                        "onnx": f"the ONNX initializers model.{name}.weight_f4 / _f8_scale"}.get(
                 info["layout"], f"the TensorRT-LLM tensors of {name} (weights / weights_scaling_factor)")
-            rows.append({"layer": name, "error": round(error, 5), "tensors": tensors})
+            rows.append({"layer": name, "error": round(error, 5), "tensors": tensors,
+                         "shared_scale": info["layout"] == "trtllm" and sub in FOLDED_NORMS})
     return rows
