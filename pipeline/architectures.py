@@ -1,0 +1,103 @@
+"""Which model families each export format takes, as data, and the check every recipe passes before any work.
+
+Sources (ModelOpt 0.47, transformers 5.23; every row measured with a tiny model in tests/test_architectures.py):
+- modelopt/torch/export/model_utils.py, MODEL_NAME_TO_TYPE: the decoder type ModelOpt's exporters give a model class.
+- modelopt/torch/export/tensorrt_llm_utils.py, convert_to_tensorrt_llm_config: TensorRT-LLM checkpoints exist for the
+  decoder types gpt, gemma, llama, qwen, mpt, recurrentgemma, dbrx, mllama and encoder-decoders only; any other
+  type raises "Cannot export tensorrt_llm checkpoint for model <type>".
+- modelopt/torch/export/layer_utils.py, build_moe_config: MoE layers for the decoder types llama, dbrx, phi3,
+  deepseek and qwen, and only with experts held as a list of modules; transformers 5 fuses each layer's experts
+  into one module ("object of type 'QuantMixtralExperts' has no len()").
+- pipeline/onnx_export.py: the decoder graph is traced, so a data-dependent path (which experts a token is routed
+  to) is frozen at the example's routing; its KV cache holds every position, so sliding-window attention is exact
+  only up to the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import UnsupportedOnTarget
+from pipeline.recipe import Recipe
+
+TRTLLM_EXPORTER = "ModelOpt's TensorRT-LLM checkpoint exporter"
+FUSED_EXPERTS = (f"{TRTLLM_EXPORTER} needs each layer's experts as separate modules, and transformers 5 fuses them "
+                 "into one")
+TRACED_ROUTING = ("the ONNX decoder is traced, which freezes the expert routing of the example input (data-dependent "
+                  "expert selection)")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # config.json model_type
+    decoder_type: str  # what ModelOpt's MODEL_NAME_TO_TYPE calls it
+    refused: dict[str, str] = field(default_factory=dict)  # export format -> why it cannot take this family
+    moe: bool = False  # calibration must route tokens to every expert
+
+
+def _no_trtllm(decoder_type: str) -> str:
+    return f"{TRTLLM_EXPORTER} has no '{decoder_type}' decoder"
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("Llama", ("llama",), "llama"),
+    Family("Mistral", ("mistral",), "llama"),
+    Family("Qwen2", ("qwen2",), "qwen"),
+    Family("Qwen3", ("qwen3",), "qwen"),
+    Family("Phi-3", ("phi3",), "phi3", {"trtllm": _no_trtllm("phi3")}),
+    Family("Gemma 2", ("gemma2",), "gemma2", {"trtllm": _no_trtllm("gemma2")}),
+    Family("Gemma 3", ("gemma3_text",), "gemma3", {"trtllm": _no_trtllm("gemma3")}),
+    Family("Qwen2-MoE", ("qwen2_moe",), "qwen", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True),
+    Family("Qwen3-MoE", ("qwen3_moe",), "qwen3moe", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True),
+    Family("Mixtral", ("mixtral",), "llama", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True),
+)
+BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
+# GGUF files name their architecture differently (general.architecture).
+GGUF_MODEL_TYPES: dict[str, str] = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
+# The export each build backend builds from (pipeline/backends: export_format).
+BACKEND_EXPORTS: dict[str, str] = {"tensorrt-rtx": "onnx", "trtllm": "trtllm", "trtllm-pytorch": "hf"}
+
+
+def family(model_type: str | None) -> Family | None:
+    return BY_MODEL_TYPE.get(model_type or "")
+
+
+def model_facts(config: dict) -> dict:
+    """What the checks read from a config.json: its family and its shortest sliding attention window."""
+    layer_types = config.get("layer_types")
+    sliding = config.get("sliding_window") if not layer_types or "sliding_attention" in layer_types else None
+    if config.get("use_sliding_window") is False:
+        sliding = None
+    return {"model_type": config.get("model_type"), "architecture": (config.get("architectures") or ["?"])[0],
+            "attention_window": sliding or None}
+
+
+def refusals(facts: dict, max_seq_len: int) -> dict[str, str]:
+    """Export format -> why it cannot take this model ({} for an unknown family: nothing is known against it)."""
+    known = family(facts.get("model_type"))
+    reasons = dict(known.refused) if known else {}
+    window = facts.get("attention_window")
+    if window and window < max_seq_len and "onnx" not in reasons:
+        reasons["onnx"] = (f"its sliding attention window ({window} tokens) is shorter than build.max_seq_len "
+                           f"{max_seq_len}, and the ONNX decoder's KV cache keeps every position")
+    return reasons
+
+
+def check(recipe: Recipe, facts: dict) -> None:
+    """UnsupportedOnTarget (exit 3) naming the architecture and the export format (and the build backend that
+    builds from it) when the recipe asks for something that cannot take this model."""
+    reasons = refusals(facts, recipe.build.max_seq_len)
+    for fmt in recipe.export.formats:
+        if fmt not in reasons:
+            continue
+        known = family(facts.get("model_type"))
+        name = f"{known.name} ({facts.get('architecture')})" if known else facts.get("architecture")
+        builds = [b for b, source in BACKEND_EXPORTS.items() if source == fmt and b == recipe.build.backend]
+        via = f" (build.backend {builds[0]} builds from it)" if builds else ""
+        others = [f for f in ("hf", "trtllm", "onnx") if f not in reasons]
+        backends = ["none", *(b for b, source in BACKEND_EXPORTS.items() if source in others)]
+        raise UnsupportedOnTarget(
+            f"{name} cannot be exported as {fmt}{via}: {reasons[fmt]}; keep export.formats to "
+            f"{' and '.join(others)}, and build.backend to {' or '.join(backends)}"
+        )
