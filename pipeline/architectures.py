@@ -34,6 +34,9 @@ class Family:
     decoder_type: str  # what ModelOpt's MODEL_NAME_TO_TYPE calls it
     refused: dict[str, str] = field(default_factory=dict)  # export format -> why it cannot take this family
     moe: bool = False  # calibration must route tokens to every expert
+    # How ModelOpt's HF export names a fused expert's projections (gate, up, down) and the block holding them.
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    moe_block: str = "mlp"
 
 
 def _no_trtllm(decoder_type: str) -> str:
@@ -50,7 +53,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma 3", ("gemma3_text",), "gemma3", {"trtllm": _no_trtllm("gemma3")}),
     Family("Qwen2-MoE", ("qwen2_moe",), "qwen", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True),
     Family("Qwen3-MoE", ("qwen3_moe",), "qwen3moe", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True),
-    Family("Mixtral", ("mixtral",), "llama", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True),
+    Family("Mixtral", ("mixtral",), "llama", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True,
+           expert_names=("w1", "w3", "w2"), moe_block="block_sparse_moe"),
 )
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 # GGUF files name their architecture differently (general.architecture).
