@@ -8,9 +8,12 @@ Sources (ModelOpt 0.47, transformers 5.23; every row measured with a tiny model 
 - modelopt/torch/export/layer_utils.py, build_moe_config: MoE layers for the decoder types llama, dbrx, phi3,
   deepseek and qwen, and only with experts held as a list of modules; transformers 5 fuses each layer's experts
   into one module ("object of type 'QuantMixtralExperts' has no len()").
+- modelopt/torch/export/unified_export_hf.py, requantize_resmooth_fused_llm_layers: for AWQ formats it resmooths
+  MoE experts through layer_utils.get_experts_list, which also needs a list of expert modules.
 - pipeline/onnx_export.py: the decoder graph is traced, so a data-dependent path (which experts a token is routed
-  to) is frozen at the example's routing; its KV cache holds every position, so sliding-window attention is exact
-  only up to the window.
+  to) is frozen at the example's routing (onnxruntime then fails on other inputs: "Cannot split using values in
+  'split' attribute"); its KV cache holds every position, so sliding-window attention is exact only up to the
+  window.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.errors import UnsupportedOnTarget
-from pipeline.recipe import Recipe
+from pipeline.recipe import DEFAULT_ALGORITHM, Recipe
 
 TRTLLM_EXPORTER = "ModelOpt's TensorRT-LLM checkpoint exporter"
 FUSED_EXPERTS = (f"{TRTLLM_EXPORTER} needs each layer's experts as separate modules, and transformers 5 fuses them "
                  "into one")
 TRACED_ROUTING = ("the ONNX decoder is traced, which freezes the expert routing of the example input (data-dependent "
                   "expert selection)")
+AWQ_EXPERTS = ("ModelOpt's HF checkpoint exporter resmooths AWQ experts as separate modules, and transformers 5 fuses "
+               "them into one")
+MOE_REFUSED = {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}
+MOE_REFUSED_FORMATS = dict.fromkeys(("int4_awq", "w4a8_awq", "nvfp4_awq"), AWQ_EXPERTS)
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class Family:
     model_types: tuple[str, ...]  # config.json model_type
     decoder_type: str  # what ModelOpt's MODEL_NAME_TO_TYPE calls it
     refused: dict[str, str] = field(default_factory=dict)  # export format -> why it cannot take this family
+    refused_formats: dict[str, str] = field(default_factory=dict)  # quantization.format -> why not
     moe: bool = False  # calibration must route tokens to every expert
     # How ModelOpt's HF export names a fused expert's projections (gate, up, down) and the block holding them.
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
@@ -51,14 +59,15 @@ FAMILIES: tuple[Family, ...] = (
     Family("Phi-3", ("phi3",), "phi3", {"trtllm": _no_trtllm("phi3")}),
     Family("Gemma 2", ("gemma2",), "gemma2", {"trtllm": _no_trtllm("gemma2")}),
     Family("Gemma 3", ("gemma3_text",), "gemma3", {"trtllm": _no_trtllm("gemma3")}),
-    Family("Qwen2-MoE", ("qwen2_moe",), "qwen", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True),
-    Family("Qwen3-MoE", ("qwen3_moe",), "qwen3moe", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True),
-    Family("Mixtral", ("mixtral",), "llama", {"trtllm": FUSED_EXPERTS, "onnx": TRACED_ROUTING}, moe=True,
+    Family("Qwen2-MoE", ("qwen2_moe",), "qwen", MOE_REFUSED, MOE_REFUSED_FORMATS, moe=True),
+    Family("Qwen3-MoE", ("qwen3_moe",), "qwen3moe", MOE_REFUSED, MOE_REFUSED_FORMATS, moe=True),
+    Family("Mixtral", ("mixtral",), "llama", MOE_REFUSED, MOE_REFUSED_FORMATS, moe=True,
            expert_names=("w1", "w3", "w2"), moe_block="block_sparse_moe"),
 )
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 # GGUF files name their architecture differently (general.architecture).
 GGUF_MODEL_TYPES: dict[str, str] = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
+MODELOPT_FORMATS = tuple(DEFAULT_ALGORITHM)  # every quantization.format
 # The export each build backend builds from (pipeline/backends: export_format).
 BACKEND_EXPORTS: dict[str, str] = {"tensorrt-rtx": "onnx", "trtllm": "trtllm", "trtllm-pytorch": "hf"}
 
@@ -89,19 +98,24 @@ def refusals(facts: dict, max_seq_len: int) -> dict[str, str]:
 
 
 def check(recipe: Recipe, facts: dict) -> None:
-    """UnsupportedOnTarget (exit 3) naming the architecture and the export format (and the build backend that
-    builds from it) when the recipe asks for something that cannot take this model."""
+    """UnsupportedOnTarget (exit 3) naming the architecture and the quantization or export format (and the build
+    backend that builds from it) when the recipe asks for something that cannot take this model."""
+    known = family(facts.get("model_type"))
+    name = f"{known.name} ({facts.get('architecture')})" if known else facts.get("architecture")
+    fmt = recipe.quantization.format
+    if known and fmt in known.refused_formats:
+        others = [f for f in MODELOPT_FORMATS if f not in known.refused_formats]
+        raise UnsupportedOnTarget(f"{name} cannot be quantized as {fmt}: {known.refused_formats[fmt]}; use "
+                                  f"quantization.format {' or '.join(others)}")
     reasons = refusals(facts, recipe.build.max_seq_len)
-    for fmt in recipe.export.formats:
-        if fmt not in reasons:
+    for export in recipe.export.formats:
+        if export not in reasons:
             continue
-        known = family(facts.get("model_type"))
-        name = f"{known.name} ({facts.get('architecture')})" if known else facts.get("architecture")
-        builds = [b for b, source in BACKEND_EXPORTS.items() if source == fmt and b == recipe.build.backend]
+        builds = [b for b, source in BACKEND_EXPORTS.items() if source == export and b == recipe.build.backend]
         via = f" (build.backend {builds[0]} builds from it)" if builds else ""
         others = [f for f in ("hf", "trtllm", "onnx") if f not in reasons]
         backends = ["none", *(b for b, source in BACKEND_EXPORTS.items() if source in others)]
         raise UnsupportedOnTarget(
-            f"{name} cannot be exported as {fmt}{via}: {reasons[fmt]}; keep export.formats to "
+            f"{name} cannot be exported as {export}{via}: {reasons[export]}; keep export.formats to "
             f"{' and '.join(others)}, and build.backend to {' or '.join(backends)}"
         )

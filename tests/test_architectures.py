@@ -31,7 +31,9 @@ CALIBRATION = ["calibration.samples=2", "calibration.seq_len=32", "calibration.b
 END_TO_END = [
     ("llama", "fp8", ()),
     ("qwen3", "int4-awq", ()),
+    ("phi3", "fp8", ("export.formats=[hf]", "build.backend=none")),
     ("gemma2", "fp8", ("export.formats=[hf,onnx]",)),
+    ("gemma3_text", "fp8", ("export.formats=[hf,onnx]", "build.backend=none")),
     ("qwen3_moe", "fp8", ("export.formats=[hf]", "build.backend=none")),
     ("mixtral", "fp8", ("export.formats=[hf]", "build.backend=none")),
 ]
@@ -40,7 +42,7 @@ WITH_OVERRIDES: dict[str, str] = {}  # family -> a preset run end to end with th
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(run_preset, real_store) -> Path:
+def tokenizer_dir(run_preset) -> Path:
     """The bundled SmolLM2 tokenizer, from the real model's load artifact."""
     result = run_preset("default", until="load")
     return result.outcomes[0].artifact.path / "model"
@@ -90,23 +92,24 @@ def _recipe(model: Path, preset: str, *overrides: str):
 def test_every_preset_is_refused_before_load_or_passes_the_checks(model_type, preset, tiny_model, tmp_path):
     family = architectures.family(model_type)
     recipe = _recipe(tiny_model(model_type), preset)
-    refused = {f: why for f, why in architectures.refusals(
-        architectures.model_facts(json.loads((tiny_model(model_type) / "config.json").read_text())),
-        recipe.build.max_seq_len).items() if f in recipe.export.formats}
+    facts = architectures.model_facts(json.loads((tiny_model(model_type) / "config.json").read_text()))
+    refused = {f"exported as {f}": why for f, why in architectures.refusals(facts, recipe.build.max_seq_len).items()
+               if f in recipe.export.formats}
+    fmt = recipe.quantization.format
+    if fmt in family.refused_formats:  # checked first
+        refused = {f"quantized as {fmt}": family.refused_formats[fmt]}
     store = ArtifactStore(tmp_path / "store")
     if not refused:
-        steps = runner.plan(recipe, store)
-        for step in steps:
+        for step in runner.plan(recipe, store):
             step.stage.preflight(recipe, {})
         RESULTS.setdefault((family.name, preset), "passes the recipe check")
         return
     with pytest.raises(UnsupportedOnTarget) as caught:
         runner.run(recipe, store)
-    message = str(caught.value)
-    fmt = next(iter(refused))
-    assert family.name in message and f"exported as {fmt}" in message and refused[fmt] in message
+    what, why = next(iter(refused.items()))
+    assert str(caught.value).startswith(f"{family.name} (") and f"{what}: {why}" in str(caught.value)
     assert not (store.root / "load").exists(), "refused before the model was loaded"
-    RESULTS[(family.name, preset)] = f"refused: {fmt}"
+    RESULTS[(family.name, preset)] = f"refused: {what.split()[-1]}"
 
 
 @pytest.mark.parametrize(("model_type", "preset", "overrides"), END_TO_END)
@@ -223,7 +226,8 @@ def render(results: dict[tuple[str, str], str]) -> str:
         lines.append(f"| {family.name} | " + " | ".join(cells) + " |")
     lines += ["", "## Why a format is refused", "", "| family | format | reason |", "| --- | --- | --- |"]
     for family in architectures.FAMILIES:
-        lines += [f"| {family.name} | {fmt} | {why} |" for fmt, why in family.refused.items()]
+        lines += [f"| {family.name} | export {fmt} | {why} |" for fmt, why in family.refused.items()]
+        lines += [f"| {family.name} | quantization {fmt} | {why} |" for fmt, why in family.refused_formats.items()]
     lines += ["", "A model whose sliding attention window is shorter than `build.max_seq_len` is also refused the",
               "onnx format (its KV cache keeps every position). MoE families calibrate with ModelOpt's",
               "`moe_calib_experts_ratio: 1.0` (every expert sees tokens) and verify dequantizes every expert.", ""]
