@@ -98,10 +98,8 @@ class Load(Stage):
         return combined.hexdigest()
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
-        """A model the recipe's exports cannot take, or one without a tokenizer, is refused before it is loaded."""
+        """A model the recipe's formats cannot take is refused before it is loaded."""
         source = resolve_source(recipe)
-        if source.kind == "dir":
-            check_tokenizer(Path(source.location))
         facts = model or source_facts(source, recipe.model.revision)
         if facts:
             architectures.check(recipe, facts)
@@ -117,10 +115,10 @@ class Load(Stage):
                 log.warning("model.revision %s resolved to commit %s: pin it, or the cache cannot see upstream "
                             "changes", spec.revision or "main", revision)
             source = ModelSource("dir", str(folder), source.gguf_file, source.name)
+            architectures.check(ctx.recipe, source_facts(source, revision))  # before any weight is read
         if source.kind == "gguf":
             self._import_gguf(Path(source.location), source.gguf_file, out, spec.dtype)
         else:
-            check_tokenizer(Path(source.location))
             self._import_dir(Path(source.location), out, ctx.recipe)
         return {**describe_model(out), "name": source.name, "source": source.kind, "revision": revision,
                 "weights": ctx.params["weights"], "trust_remote_code": spec.trust_remote_code,
@@ -187,6 +185,7 @@ class Load(Stage):
                 f"model {folder.name} has only pickle weights ({pickled[0].name}), which can run code when loaded; "
                 "convert them to safetensors, or set model.allow_pickle: true if you trust the source"
             )
+        check_tokenizer(folder)
         out.mkdir(parents=True)
         if safe and spec.dtype == "auto":
             for file in _matching(folder, SAFE_WEIGHTS + SIDECAR_FILES):
@@ -219,17 +218,17 @@ def check_tokenizer(folder: Path) -> None:
 
 def source_facts(source: ModelSource, revision: str | None) -> dict:
     """The architecture facts of a model before it is loaded: its config.json, or a GGUF file's header. A hub
-    model's config.json is fetched alone; {} when it cannot be (the load itself then says why)."""
+    model counts only when its config.json is in the local hub cache ({} otherwise: run() checks after download)."""
     if source.kind == "gguf":
         return _gguf_facts(Path(source.location) / source.gguf_file)
     folder = Path(source.location)
     if source.kind == "hub":
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import try_to_load_from_cache
 
-        try:
-            folder = Path(hf_hub_download(source.location, "config.json", revision=revision)).parent
-        except Exception:  # offline, private, misspelt: the download in run() reports it as BadInput
+        cached = try_to_load_from_cache(source.location, "config.json", revision=revision)
+        if not isinstance(cached, str):
             return {}
+        folder = Path(cached).parent
     return architectures.model_facts(json.loads((folder / "config.json").read_text()))
 
 
