@@ -12,8 +12,8 @@ Sources (ModelOpt 0.47, transformers 5.23; every row measured with a tiny model 
   MoE experts through layer_utils.get_experts_list, which also needs a list of expert modules.
 - pipeline/onnx_export.py: the decoder graph is traced, so a data-dependent path (which experts a token is routed
   to) is frozen at the example's routing (onnxruntime then fails on other inputs: "Cannot split using values in
-  'split' attribute"); its KV cache holds every position, so sliding-window attention is exact only up to the
-  window.
+  'split' attribute"); its KV cache is one tensor for all layers, so a sliding-window layer (whose cache keeps
+  window - 1 positions) only fits while sequences stay shorter than the window.
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def refusals(facts: dict, max_seq_len: int) -> dict[str, str]:
     known = family(facts.get("model_type"))
     reasons = dict(known.refused) if known else {}
     window = facts.get("attention_window")
-    if window and window < max_seq_len and "onnx" not in reasons:
-        reasons["onnx"] = (f"its sliding attention window ({window} tokens) is shorter than build.max_seq_len "
-                           f"{max_seq_len}, and the ONNX decoder's KV cache keeps every position")
+    if window and window <= max_seq_len and "onnx" not in reasons:
+        reasons["onnx"] = (f"its sliding attention window ({window} tokens) is not longer than build.max_seq_len "
+                           f"{max_seq_len}, and the ONNX decoder's one KV cache tensor cannot drop old positions")
     return reasons
 
 

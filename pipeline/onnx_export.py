@@ -48,7 +48,7 @@ class Decoder(nn.Module):
         allowed = (key[None, :] <= query[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        cache = DynamicCache()
+        cache = DynamicCache(config=self.model.config)
         for layer in range(self.model.config.num_hidden_layers):
             cache.update(past_key[layer], past_value[layer], layer)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,

@@ -180,6 +180,15 @@ def test_a_model_without_tokenizer_files_is_refused_at_load(tiny_model, tmp_path
     assert not list(store.artifacts()), "no load artifact is left behind"
 
 
+def test_a_sliding_window_not_longer_than_the_engine_refuses_onnx():
+    from transformers import MistralConfig
+
+    facts = architectures.model_facts(MistralConfig(sliding_window=512).to_dict())
+    with pytest.raises(UnsupportedOnTarget, match=r"Mistral \(.*cannot be exported as onnx .*window \(512 tokens\)"):
+        architectures.check(load_recipe("fp8"), facts)  # build.max_seq_len 1024
+    architectures.check(load_recipe("fp8", ["build.max_seq_len=511"]), facts)
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_the_table_names_the_decoder_type_modelopt_gives_each_family(model_type):
     """ModelOpt's exporters pick their code path by this name: the table must follow ModelOpt upgrades."""
@@ -228,7 +237,7 @@ def render(results: dict[tuple[str, str], str]) -> str:
     for family in architectures.FAMILIES:
         lines += [f"| {family.name} | export {fmt} | {why} |" for fmt, why in family.refused.items()]
         lines += [f"| {family.name} | quantization {fmt} | {why} |" for fmt, why in family.refused_formats.items()]
-    lines += ["", "A model whose sliding attention window is shorter than `build.max_seq_len` is also refused the",
-              "onnx format (its KV cache keeps every position). MoE families calibrate with ModelOpt's",
+    lines += ["", "A model whose sliding attention window is not longer than `build.max_seq_len` is also refused the",
+              "onnx format (one KV cache tensor for all layers). MoE families calibrate with ModelOpt's",
               "`moe_calib_experts_ratio: 1.0` (every expert sees tokens) and verify dequantizes every expert.", ""]
     return "\n".join(lines)
