@@ -98,15 +98,49 @@ def token_windows(tokenizer, ref: str, samples: int, seq_len: int, seed: int):
     """`samples` non-overlapping windows of `seq_len` tokens, drawn with a seeded RNG: a [samples, seq_len] tensor."""
     import torch
 
-    ids = tokenizer("\n\n".join(load_documents(ref)), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    available = len(ids) // seq_len
+    ids = encode(tokenizer, load_documents(ref))
+    body = text_length(tokenizer, seq_len)
+    available = len(ids) // body
     if available < samples:
         raise BadInput(
             f"dataset {ref} has {len(ids)} tokens: {available} windows of {seq_len}, but {samples} were asked; "
             "lower the sample count or sequence length, or use a larger dataset"
         )
     starts = sorted(random.Random(seed).sample(range(available), samples))
-    return torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in starts])
+    return frame(tokenizer, torch.stack([ids[s * body:(s + 1) * body] for s in starts]))
+
+
+def encode(tokenizer, docs: list[str]):
+    """The documents as one run of token ids, without special tokens (windows add them, see special_ids)."""
+    return tokenizer("\n\n".join(docs), return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
+def special_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer itself puts before and after a text (BOS for Llama or Gemma, nothing for Qwen):
+    every calibration and evaluation window is framed the same way, since some families degrade badly without
+    their BOS."""
+    plain = tokenizer("Hello", add_special_tokens=False).input_ids
+    full = tokenizer("Hello").input_ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return [], []
+
+
+def text_length(tokenizer, seq_len: int) -> int:
+    """Text tokens in a window of `seq_len` once the tokenizer's special tokens frame it."""
+    return seq_len - sum(map(len, special_ids(tokenizer)))
+
+
+def frame(tokenizer, chunks):
+    """[n, text_length] token ids -> [n, seq_len] windows, framed by the tokenizer's own special tokens."""
+    import torch
+
+    def column(ids: list[int]):
+        return torch.tensor(ids, dtype=chunks.dtype).expand(len(chunks), len(ids))
+
+    prefix, suffix = special_ids(tokenizer)
+    return torch.cat([column(prefix), chunks, column(suffix)], dim=1)
 
 
 def shared_paragraphs(first: str, second: str, min_chars: int = 80) -> int:

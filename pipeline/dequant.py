@@ -163,7 +163,9 @@ def _trtllm_to_hf(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, t
 def _split_qkv(layer: str, leaf: str, tensor: torch.Tensor, q_rows: int, kv_rows: int) -> dict[str, torch.Tensor]:
     names = [f"{layer}.self_attn.{p}.{leaf}" for p in ("q_proj", "k_proj", "v_proj")]
     total = q_rows + 2 * kv_rows
-    if tensor.dim() >= 1 and tensor.shape[0] in (total, total // 2) and tensor.numel() > 1:
+    # A pre-quant scale runs along the input (hidden) axis, whose length can equal total // 2 (KV heads = heads / 2).
+    if leaf != TRTLLM.pre_quant_scale and tensor.dim() >= 1 and tensor.shape[0] in (total, total // 2) \
+            and tensor.numel() > 1:
         factor = tensor.shape[0] / total  # int4 weights pack two rows per byte row
         sizes = [int(q_rows * factor), int(kv_rows * factor), int(kv_rows * factor)]
         return dict(zip(names, torch.split(tensor, sizes, dim=0)))

@@ -7,12 +7,16 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from pipeline.data import encode, frame, text_length
+
 
 def eval_windows(tokenizer, text_docs: list[str], tokens: int, seq_len: int) -> torch.Tensor:
-    """The first `tokens` tokens of the evaluation text as [n, seq_len] windows (deterministic, no sampling)."""
-    ids = tokenizer("\n\n".join(text_docs), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    """The first `tokens` tokens of the evaluation text as [n, seq_len] windows (deterministic, no sampling), each
+    framed by the tokenizer's own special tokens (BOS) as calibration windows are."""
+    ids = encode(tokenizer, text_docs)
+    body = text_length(tokenizer, seq_len)
     n = max(1, min(tokens, len(ids)) // seq_len)
-    return ids[: n * seq_len].reshape(n, seq_len)
+    return frame(tokenizer, ids[: n * body].reshape(n, body))
 
 
 def describe_windows(windows: torch.Tensor) -> str:

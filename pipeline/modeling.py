@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline import architectures
 
 
 # Quiet on success: no library progress bars. Set at import, before tqdm or transformers read them.
@@ -29,3 +32,43 @@ def load_model(folder: Path, dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """Where one expert projection lives in a transformers 5 fused experts module (3D gate_up_proj / down_proj)."""
+
+    module: str
+    param: str
+    expert: int
+    rows: slice
+
+
+def expert_slices(model) -> dict[str, ExpertSlice]:
+    """Each expert projection by the name ModelOpt's HF export gives it (e.g. ...mlp.experts.3.gate_proj)."""
+    family = architectures.family(model.config.model_type)
+    if family is None or not family.moe:
+        return {}
+    gate, up, down = family.expert_names
+    slices = {}
+    for name, module in model.named_modules():
+        fused = getattr(module, "gate_up_proj", None)
+        if fused is None or fused.ndim != 3:
+            continue
+        prefix = name.replace(".mlp.experts", f".{family.moe_block}.experts")
+        half = fused.shape[1] // 2
+        for e in range(fused.shape[0]):
+            slices[f"{prefix}.{e}.{gate}"] = ExpertSlice(name, "gate_up_proj", e, slice(0, half))
+            slices[f"{prefix}.{e}.{up}"] = ExpertSlice(name, "gate_up_proj", e, slice(half, None))
+            slices[f"{prefix}.{e}.{down}"] = ExpertSlice(name, "down_proj", e, slice(None))
+    return slices
+
+
+def expert_weight(model, where: ExpertSlice, fake_quantized: bool = False):
+    """A view of one expert projection's weight; with `fake_quantized`, passed through its ModelOpt weight quantizer."""
+    module = model.get_submodule(where.module)
+    weight = getattr(module, where.param)[where.expert]
+    quantizers = getattr(module, f"{where.param}_weight_quantizers", None) if fake_quantized else None
+    if quantizers is not None:
+        weight = quantizers[where.expert](weight)
+    return weight[where.rows]

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from pipeline.architectures import family
 from pipeline.errors import BadInput
 from pipeline.recipe import QuantizationSpec
 
@@ -127,11 +128,12 @@ def library_prints(on_line: Callable[[str], None] = lambda line: None) -> Iterat
         sink.emit(sink.pending)
 
 
-def _algorithm(spec: QuantizationSpec) -> str | dict:
+def _algorithm(spec: QuantizationSpec, moe: bool) -> str | dict:
     name = spec.algorithm
-    if name == "smoothquant":
-        return {"method": "smoothquant", "alpha": spec.smoothquant_alpha}
-    return name if name == "max" else {"method": name}
+    algorithm = {"method": name, "alpha": spec.smoothquant_alpha} if name == "smoothquant" else {"method": name}
+    if moe:  # route calibration tokens to every expert: one that no token reaches exports uncalibrated scales
+        algorithm["moe_calib_experts_ratio"] = 1.0
+    return name if algorithm == {"method": "max"} else algorithm
 
 
 def _exclusion_pattern(pattern: str) -> str:
@@ -159,7 +161,8 @@ def plan_quantization(spec: QuantizationSpec, model) -> QuantPlan:
 
     mtq, _ = modelopt()
     config = copy.deepcopy(getattr(mtq, MODELOPT_CONFIGS[spec.format]))
-    config["algorithm"] = _algorithm(spec)
+    known = family(model.config.model_type)
+    config["algorithm"] = _algorithm(spec, moe=bool(known and known.moe))
     config["quant_cfg"] += [{"quantizer_name": _exclusion_pattern(p), "enable": False} for p in spec.exclude]
     if spec.kv_cache != "none":
         kv = getattr(mtq, KV_CACHE_CONFIGS[spec.kv_cache])["quant_cfg"]

@@ -88,7 +88,7 @@ class Calibrate(Stage):
             nonlocal passes
             passes += 1
             layers = [module for module in m.modules() if isinstance(module, torch.nn.Linear)]
-            phase = phases[-1] if phases else f"{spec.resolved_algorithm} calibration"
+            phase = phases[-1] if phases else f"{spec.algorithm} calibration"
             phases.clear()
             description = (f"pass {passes}, {phase}: {len(batches)} batches of {calib.batch_size} x "
                            f"{calib.seq_len} tokens through {len(layers)} layers")

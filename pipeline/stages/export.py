@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline import card, host
+from pipeline import architectures, card, host
 from pipeline.errors import BadInput, HostLacks
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
@@ -37,6 +37,7 @@ class Export(Stage):
             raise BadInput("export.pp applies to the trtllm format only; add trtllm to export.formats or set pp: 1")
         if model:
             _check_parallelism(model, recipe.export.tp, recipe.export.pp)
+            architectures.check(recipe, model)  # the load artifact is cached, so load's own check did not run
         missing = [m for m in ONNX_MODULES if not host.has_module(m)]
         if "onnx" in recipe.export.formats and missing:
             raise HostLacks(f"export format onnx needs {', '.join(missing)}: pip install 'quantpipe[rtx]'")

@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import architectures
 from pipeline.errors import BadInput
 from pipeline.modeling import quiet_libraries
 from pipeline.recipe import Recipe
@@ -27,6 +28,8 @@ SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 # Everything a model directory needs besides weights: configs, tokenizers, chat templates.
 SIDECAR_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")
+# One of these makes a tokenizer (fast, SentencePiece, BPE, WordPiece, tiktoken); GGUF files carry their own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -72,7 +75,7 @@ def _matching(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
 
 class Load(Stage):
     name = "load"
-    version = "1"
+    version = "2"
     fields = ("model",)
     libraries = ("transformers", "torch", "gguf", "safetensors")
 
@@ -93,6 +96,13 @@ class Load(Stage):
             combined.update(f"{file.name}:{store.digest(file)};".encode())
         return combined.hexdigest()
 
+    def preflight(self, recipe: Recipe, model: dict) -> None:
+        """A model the recipe's formats cannot take is refused before it is loaded."""
+        source = resolve_source(recipe)
+        facts = model or source_facts(source, recipe.model.revision)
+        if facts:
+            architectures.check(recipe, facts)
+
     def run(self, ctx: StageContext) -> dict:
         spec = ctx.recipe.model
         source = resolve_source(ctx.recipe)
@@ -104,6 +114,7 @@ class Load(Stage):
                 log.warning("model.revision %s resolved to commit %s: pin it, or the cache cannot see upstream "
                             "changes", spec.revision or "main", revision)
             source = ModelSource("dir", str(folder), source.gguf_file, source.name)
+            architectures.check(ctx.recipe, source_facts(source, revision))  # before any weight is read
         if source.kind == "gguf":
             self._import_gguf(Path(source.location), source.gguf_file, out, spec.dtype)
         else:
@@ -173,6 +184,7 @@ class Load(Stage):
                 f"model {folder.name} has only pickle weights ({pickled[0].name}), which can run code when loaded; "
                 "convert them to safetensors, or set model.allow_pickle: true if you trust the source"
             )
+        check_tokenizer(folder)
         out.mkdir(parents=True)
         if safe and spec.dtype == "auto":
             for file in _matching(folder, SAFE_WEIGHTS + SIDECAR_FILES):
@@ -194,6 +206,39 @@ class Load(Stage):
         )
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code).save_pretrained(out)
+
+
+def check_tokenizer(folder: Path) -> None:
+    """Calibration and verification tokenize text: a model directory without a tokenizer cannot be quantized."""
+    if not _matching(folder, TOKENIZER_FILES):
+        raise BadInput(f"model {folder.name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                       "tokenizer files of the model it was trained with into that directory")
+
+
+def source_facts(source: ModelSource, revision: str | None) -> dict:
+    """The architecture facts of a model before it is loaded: its config.json, or a GGUF file's header. A hub
+    model counts only when its config.json is in the local hub cache ({} otherwise: run() checks after download)."""
+    if source.kind == "gguf":
+        return _gguf_facts(Path(source.location) / source.gguf_file)
+    folder = Path(source.location)
+    if source.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, "config.json", revision=revision)
+        if not isinstance(cached, str):
+            return {}
+        folder = Path(cached).parent
+    return architectures.model_facts(json.loads((folder / "config.json").read_text()))
+
+
+def _gguf_facts(path: Path) -> dict:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    window = fields.get(f"{arch}.attention.sliding_window")
+    return {"model_type": architectures.GGUF_MODEL_TYPES.get(arch, arch), "architecture": arch,
+            "attention_window": window.contents() if window else None}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -219,8 +264,7 @@ def describe_model(folder: Path) -> dict:
                 params += numel
                 dtypes.add(sl.get_dtype())
     return {
-        "architecture": (config.get("architectures") or ["?"])[0],
-        "model_type": config.get("model_type"),
+        **architectures.model_facts(config),
         "parameters": params,
         "dtype": ",".join(sorted(dtypes)),
         "hidden_size": config.get("hidden_size"),

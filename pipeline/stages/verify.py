@@ -35,7 +35,7 @@ def thresholds(recipe: Recipe) -> dict:
 
 class Verify(Stage):
     name = "verify"
-    version = "2"
+    version = "3"
     inputs = ("load", "calibrate", "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors")
@@ -143,7 +143,7 @@ class Verify(Stage):
 
         from pipeline import evaluate
         from pipeline.dequant import effective_weights, read_config
-        from pipeline.modeling import load_model
+        from pipeline.modeling import expert_slices, expert_weight, load_model
 
         info = read_config(folder)
         fmt = folder.name
@@ -158,13 +158,19 @@ class Verify(Stage):
                     "group_size": info["group_size"], "problems": problems, "bad_layers": [], "layers": [],
                     "parity": None, "shards": ranks}
         shapes = {n: tuple(m.weight.shape) for n, m in quantized.named_modules() if isinstance(m, torch.nn.Linear)}
+        experts = expert_slices(quantized)  # every expert is checked, not only those calibration reached
+        shapes |= {name: tuple(expert_weight(quantized, where).shape) for name, where in experts.items()}
         weights, weight_problems = effective_weights(folder, shapes)
         problems += weight_problems
         plain, _ = load_model(loaded / "model")
         state = plain.state_dict()
         plain.load_state_dict({k: v.to(state[k].dtype) for k, v in weights.items() if k in state}, strict=False)
+        with torch.no_grad():
+            for name, where in experts.items():
+                if f"{name}.weight" in weights:
+                    expert_weight(plain, where).copy_(weights[f"{name}.weight"])
         layers = _layer_errors(quantized, _steps(track, folded, f"{fmt}: dequantized layers vs calibrated"),
-                               original, weights, info)
+                               original, weights, info) + _expert_errors(quantized, experts, weights)
         bad = _over_tolerance(layers, LAYER_TOLERANCE[recipe.quantization.format])
         on = evaluate.describe_windows(windows)
         parity = evaluate.compare_on_windows(lambda window: plain(window[None]).logits[0], quantized, _steps(
@@ -264,6 +270,23 @@ def _check_engine(build, recipe: Recipe, quantized, windows, limits: dict, track
     result = _check_decoder(engine_decoder(build / ENGINE_FILE), f"engine on {gpu}", quantized, fitting, limits, track)
     return (f"{backend} engine ({size}) ran on {gpu}: top-1 agreement {result['agreement']:.1%}, cosine "
             f"{result['cosine']:.4f}, {result['tokens_per_second']} tokens/s"), result
+
+
+def _expert_errors(quantized, experts: dict, weights: dict) -> list[dict]:
+    """Per expert projection: relative distance between the export's weight and the calibrated expert's."""
+    import torch
+
+    from pipeline.modeling import expert_weight
+
+    rows = []
+    with torch.no_grad():
+        for name, where in experts.items():
+            if f"{name}.weight" not in weights:
+                continue
+            reference = expert_weight(quantized, where, fake_quantized=True).float()
+            error = ((weights[f"{name}.weight"] - reference).norm() / reference.norm().clamp_min(1e-12)).item()
+            rows.append({"layer": name, "error": round(error, 5), "tensors": f"{name}.weight / {name}.weight_scale"})
+    return rows
 
 
 def _over_tolerance(layers: list[dict], tolerance: float) -> list[dict]:
