@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline import card, host
+from pipeline import card, genai, host
 from pipeline.errors import BadInput
 from pipeline.recipe import Recipe
 from pipeline.store import Artifact, link, link_tree
@@ -71,6 +71,8 @@ def _fill(staging: Path, recipe: Recipe, artifacts: dict[str, Artifact], keys: d
     export, verify = artifacts["export"], artifacts.get("verify")
     for fmt in export.metadata["formats"]:
         link_tree(export / fmt, staging / fmt)
+    if (staging / "onnx" / genai.CONFIG_FILE).is_file():
+        genai.name_providers(staging / "onnx", recipe.gpus)
     if "build" in artifacts:
         link_tree(artifacts["build"].path, staging / "engine", skip=("manifest.json",))
     if verify is not None:
