@@ -33,7 +33,9 @@ def config(model_config, generation_config, onnx_file: str) -> dict:
             "context_length": context,
             "decoder": {
                 "filename": onnx_file,
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                # ONNX Runtime's fused INT4 MatMul would quantize activations to int8: keep the model's math.
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
+                                    "session.qdq_matmulnbits_accuracy_level": "0"},
                 "head_size": getattr(model_config, "head_dim", None) or model_config.hidden_size // heads,
                 "hidden_size": model_config.hidden_size,
                 "num_attention_heads": heads,

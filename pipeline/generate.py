@@ -65,17 +65,14 @@ def _from_store(name: str, overrides: list[str], store: ArtifactStore) -> Deploy
     from pipeline.recipe import load_recipe
 
     recipe = load_recipe(name, overrides)
-    steps = {step.stage.name: step for step in runner.plan(recipe, store)}
-    artifacts = {stage: store.get(stage, step.key) for stage, step in steps.items() if stage != "verify"}
-    missing = [stage for stage, artifact in artifacts.items() if artifact is None]
-    if missing:
-        raise BadInput(f"{recipe.name} is not built ({', '.join(missing)} not in {store.root}); run "
-                       f"`quantpipe run {name}` with the same --set options first")
-    export, build = artifacts["export"], artifacts.get("build")
-    return Deployment(recipe.name, keys={stage: a.key for stage, a in artifacts.items()}, store=store,
-                      onnx=export / "onnx" if (export / "onnx").is_dir() else None,
-                      hf=export / "hf" if (export / "hf").is_dir() else None,
-                      engine=build.path if build is not None else None)
+    keys = {step.stage.name: step.key for step in runner.plan(recipe, store)}
+    export = store.get("export", keys["export"])
+    if export is None:
+        raise BadInput(f"{recipe.name} has no export in {store.root}; run `quantpipe run {name}` with the same "
+                       "--set options first")
+    build = store.get("build", keys["build"]) if "build" in keys else None
+    return Deployment(recipe.name, keys=keys, store=store, engine=build.path if build is not None else None,
+                      **{part: export / part for part in ("onnx", "hf") if (export / part).is_dir()})
 
 
 class OnnxRuntimeGenAI:
@@ -215,8 +212,10 @@ def pick(deployment: Deployment, wanted: str = "auto") -> tuple[str, Generate]:
             log.info("running %s with %s", deployment.name, name)
             return name, runtime.load(deployment)
         reasons[name] = reason
+    fallback = wanted == "auto" and RUNTIMES["pytorch"].missing(deployment) is None
     raise HostLacks(f"no runtime here can run {deployment.name}: "
-                    + "; ".join(f"{name}: {reason}" for name, reason in reasons.items()))
+                    + "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+                    + ("; --runtime pytorch runs its fake-quantized model from the cache instead" if fallback else ""))
 
 
 @dataclass
