@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 from pipeline import targets
-from pipeline.onnx_export import KV_PAST, KV_PRESENT
 
 CONFIG_FILE = "genai_config.json"
 RTX_PROVIDER = "NvTensorRtRtx"  # ONNX Runtime's TensorRT-RTX execution provider
@@ -18,6 +17,8 @@ RTX_PROVIDER = "NvTensorRtRtx"  # ONNX Runtime's TensorRT-RTX execution provider
 
 def config(model_config, generation_config, onnx_file: str) -> dict:
     """genai_config.json for the exported decoder of a transformers model (greedy search by default)."""
+    from pipeline.onnx_export import KV_PAST, KV_PRESENT  # imports torch: not for publish's import of this module
+
     heads, layers = model_config.num_attention_heads, model_config.num_hidden_layers
     context = model_config.max_position_embeddings
     token = {name: _first(getattr(generation_config, name, None), getattr(model_config, name, None))
