@@ -18,6 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 from rich.table import Table
 
+from pipeline import generate as gen
 from pipeline import host, runner, runs, targets
 from pipeline.errors import BadInput, CellsFailed, QuantpipeError, VerificationFailed
 from pipeline.fmt import human_bytes, parse_age, parse_size
@@ -537,8 +538,8 @@ def _matrix_plan(plans: dict[str, list[runner.Step]], as_json: bool) -> None:
 
 
 deployment_argument = click.argument("target", metavar="PATH_OR_RECIPE")
-runtime_option = click.option("--runtime", type=click.Choice(["auto", "tensorrt-rtx", "trtllm", "onnxruntime-genai",
-                                                              "pytorch"]), default="auto", show_default=True,
+runtime_option = click.option("--runtime", type=click.Choice(["auto", *gen.RUNTIMES]), default="auto",
+                              show_default=True,
                               help="auto: the best this host has (TensorRT-RTX engine on its RTX GPU, TensorRT-LLM, "
                                    "ONNX Runtime GenAI on CPU); pytorch: the fake-quantized model from the cache.")
 max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
@@ -569,8 +570,6 @@ def generate(store: ArtifactStore, as_json: bool, target: str, overrides: tuple[
              max_new_tokens: int, runtime: str, compare: bool) -> None:
     """Continue PROMPT with a published folder (engines/<model>/<format>-<target>) or a recipe whose run is cached,
     streaming tokens; --json prints text, token count and tokens per second."""
-    from pipeline import generate as gen
-
     deployment = gen.resolve(target, list(overrides), store)
     name, generator = gen.pick(deployment, runtime)
     conversation = gen.Conversation(deployment, generator)
@@ -579,15 +578,13 @@ def generate(store: ArtifactStore, as_json: bool, target: str, overrides: tuple[
         out.print(f"[bold]quantized ({name}):[/]", end=" ")
     answer = _stream(conversation, ids, max_new_tokens, show=not as_json)
     result = {"artifact": deployment.name, "runtime": name, "prompt": prompt, **answer.to_json()}
-    if not as_json:
-        err.print(f"[dim]{name}: {answer.tokens} tokens, {result['tokens_per_second']} tokens/s[/]")
     if compare:
         reference = gen.Conversation(deployment, gen.unquantized(deployment))
         if not as_json:
             out.print("[bold]unquantized (pytorch):[/]", end=" ")
         result["compare"] = {"runtime": "pytorch", **_stream(reference, ids, max_new_tokens, not as_json).to_json()}
-    if as_json:
-        _emit(True, result, lambda: None)
+    _emit(as_json, result, lambda: err.print(f"[dim]{name}: {answer.tokens} tokens, "
+                                             f"{result['tokens_per_second']} tokens/s[/]"))
 
 
 @main.command()
@@ -601,8 +598,6 @@ def chat(store: ArtifactStore, as_json: bool, target: str, overrides: tuple[str,
          max_new_tokens: int, runtime: str) -> None:
     """Talk to a published folder or a cached recipe's build with the model's chat template, one line per turn;
     an empty line or end of input ends it. --json prints one JSON object per answer."""
-    from pipeline import generate as gen
-
     deployment = gen.resolve(target, list(overrides), store)
     name, generator = gen.pick(deployment, runtime)
     conversation = gen.Conversation(deployment, generator)
