@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -133,21 +132,27 @@ class TensorRTRTXEngine:
 
 
 class TensorRTLLM:
-    """TensorRT-LLM's LLM API (PyTorch backend) on the HF checkpoint, in its own interpreter."""
+    """TensorRT-LLM's LLM API (PyTorch backend) on the HF checkpoint, in its own interpreter: a small server
+    reading requests on stdin and answering "@tokens <json list>" lines (its own logs share stdout), then null."""
 
     name = "trtllm"
     script = """
-import json, sys
+import asyncio, json, sys
 from tensorrt_llm import LLM, SamplingParams
+
 llm = LLM(model=sys.argv[1])
-for line in sys.stdin:
-    request, seen = json.loads(line), 0
-    params = SamplingParams(max_tokens=request["max_new_tokens"], temperature=0.0, stop_token_ids=request["stop"])
-    for output in llm.generate_async(request["prompt"], sampling_params=params, streaming=True):
+
+async def answer(request):
+    params = SamplingParams(max_tokens=request["max_new_tokens"], top_k=1, stop_token_ids=request["stop"])
+    seen = 0
+    async for output in llm.generate_async(request["prompt"], sampling_params=params, streaming=True):
         tokens = output.outputs[0].token_ids
-        print(json.dumps(tokens[seen:]), flush=True)
+        print("@tokens", json.dumps(tokens[seen:]), flush=True)
         seen = len(tokens)
-    print("null", flush=True)
+    print("@tokens null", flush=True)
+
+for line in sys.stdin:
+    asyncio.run(answer(json.loads(line)))
 """
 
     def missing(self, deployment: Deployment) -> str | None:
@@ -165,16 +170,18 @@ for line in sys.stdin:
         from pipeline.backends.trtllm import interpreter
 
         server = subprocess.Popen([interpreter(), "-c", self.script, str(deployment.hf)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+                                  stdout=subprocess.PIPE, text=True)
 
         def generate(prompt: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:
             request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "stop": sorted(stop)}
             server.stdin.write(json.dumps(request) + "\n")
             server.stdin.flush()
-            while (line := server.stdout.readline()) and (tokens := json.loads(line)) is not None:
-                yield from tokens
-            if server.poll() is not None:
-                raise RuntimeError(f"TensorRT-LLM exited with {server.returncode}; rerun with -vv for its log")
+            while line := server.stdout.readline():
+                if line.startswith("@tokens "):
+                    if (tokens := json.loads(line.removeprefix("@tokens "))) is None:
+                        return
+                    yield from tokens
+            raise RuntimeError(f"TensorRT-LLM exited with {server.wait()} before answering; its log is above")
 
         return generate
 
