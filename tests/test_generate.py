@@ -87,7 +87,7 @@ def test_generate_answers_from_the_published_onnx_package(run_preset, real_store
     package = list(conversation.generate(ids, 8, set()))
     config = AutoConfig.from_pretrained(artifacts["load"] / "model")
     _, stepped = OrtDecoder(artifacts["export"] / "onnx" / ONNX_FILE).prefill_then_decode(config, np.array(ids), 8)
-    assert package == stepped
+    assert package == stepped[:len(package)] and (len(package) == 8 or package[-1] in conversation.stop)
 
 
 @pytest.mark.slow
