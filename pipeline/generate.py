@@ -5,6 +5,7 @@ turn prompt token ids into a stream of new token ids, and the tokenizer (the pac
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import subprocess
@@ -115,8 +116,8 @@ class TensorRTRTXEngine:
     def missing(self, deployment: Deployment) -> str | None:
         from pipeline.backends.tensorrt_rtx import ENGINE_FILE, runnable_here
 
-        if deployment.engine is None or not (deployment.engine / ENGINE_FILE).is_file():
-            return "no TensorRT-RTX engine in this build (build.backend tensorrt-rtx)"
+        if deployment.engine is None or not (deployment.engine / ENGINE_FILE).is_file() or deployment.onnx is None:
+            return "no TensorRT-RTX engine and its ONNX package in this build (build.backend tensorrt-rtx)"
         built_for = json.loads((deployment.engine / "engine.json").read_text())
         if runnable_here(built_for) is None:
             found = ", ".join(f"{g.name} (sm_{g.sm})" for g in host.gpus()) or "no NVIDIA GPU"
@@ -125,10 +126,17 @@ class TensorRTRTXEngine:
         return None
 
     def load(self, deployment: Deployment) -> Generate:
+        import numpy as np
+
         from pipeline.backends.tensorrt_rtx import ENGINE_FILE, engine_decoder
 
-        decoder = engine_decoder(deployment.engine / ENGINE_FILE)
-        return functools.partial(_greedy, decoder, _cache_shape(deployment.tokenizer_folder))
+        decoder, cache_shape = engine_decoder(deployment.engine / ENGINE_FILE), _cache_shape(deployment.onnx)
+
+        def generate(prompt: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:
+            picked = decoder.greedy(np.array(prompt), cache_shape, stop)
+            return (token for _, token in itertools.islice(picked, max_new_tokens))
+
+        return generate
 
 
 class TensorRTLLM:
@@ -311,20 +319,6 @@ def _cache_shape(folder: Path) -> tuple[int, int, int, int, int]:
     """An empty KV cache's [L,B,KVH,P,D] shape, from the package's config."""
     decoder = json.loads((folder / genai.CONFIG_FILE).read_text())["model"]["decoder"]
     return decoder["num_hidden_layers"], 1, decoder["num_key_value_heads"], 0, decoder["head_size"]
-
-
-def _greedy(decoder, cache_shape: tuple, prompt: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:
-    """Greedy decoding through a StepDecoder (the exported graph's runtime), one token at a time."""
-    import numpy as np
-
-    empty = np.zeros(cache_shape, np.float32)
-    logits, key, value = decoder(np.array([prompt]), np.ones((1, len(prompt))), empty, empty)
-    for _ in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        yield token
-        if token in stop:
-            return
-        logits, key, value = decoder(np.array([[token]]), np.ones((1, key.shape[3] + 1)), key, value)
 
 
 def _torch_greedy(model, prompt: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:

@@ -10,7 +10,9 @@ post-processors turn them into standard ops with low-precision weight initialize
 from __future__ import annotations
 
 import collections
+import itertools
 import warnings
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -352,16 +354,22 @@ class StepDecoder:
     def __call__(self, ids: np.ndarray, mask: np.ndarray, past_key: np.ndarray, past_value: np.ndarray):
         raise NotImplementedError
 
+    def greedy(self, prompt: np.ndarray, cache_shape: tuple, stop: Collection[int] = ()) -> Iterator[tuple]:
+        """The prompt through an empty cache of `cache_shape` ([L,1,KVH,0,D]), then greedy tokens fed back one by
+        one, each yielded with the logits it was picked from, until a `stop` token (or the caller stops)."""
+        empty = np.zeros(cache_shape, np.float32)
+        logits, key, value = self(prompt[None], np.ones((1, len(prompt))), empty, empty)
+        while True:
+            token = int(logits[0, -1].argmax())
+            yield logits[0], token
+            if token in stop:
+                return
+            logits, key, value = self(np.array([[token]]), np.ones((1, key.shape[3] + 1)), key, value)
+
     def prefill_then_decode(self, config, prompt: np.ndarray, steps: int) -> tuple[np.ndarray, list[int]]:
         """Logits of the prompt (past length 0), then `steps` greedy tokens fed back one by one through the cache."""
-        empty = np.zeros(kv_shape(config, 1, 0), np.float32)
-        logits, key, value = self(prompt[None], np.ones((1, len(prompt))), empty, empty)
-        prompt_logits, tokens = logits[0], []
-        for _ in range(steps):
-            tokens.append(int(logits[0, -1].argmax()))
-            mask = np.ones((1, key.shape[3] + 1))
-            logits, key, value = self(np.array([[tokens[-1]]]), mask, key, value)
-        return prompt_logits, tokens
+        picked = list(itertools.islice(self.greedy(prompt, kv_shape(config, 1, 0)), steps))
+        return picked[0][0], [token for _, token in picked]
 
 
 class OrtDecoder(StepDecoder):
