@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import generate as gen
 from pipeline import genai, host
+from pipeline import generate as gen
 from pipeline.backends.trtllm import trtllm_version
 from pipeline.errors import BadInput, HostLacks
 from pipeline.onnx_export import io_names
