@@ -18,6 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 from rich.table import Table
 
+from pipeline import generate as gen
 from pipeline import host, runner, runs, targets
 from pipeline.errors import BadInput, CellsFailed, QuantpipeError, VerificationFailed
 from pipeline.fmt import human_bytes, parse_age, parse_size
@@ -590,3 +591,85 @@ def fsck_command(store: ArtifactStore, as_json: bool, repair: bool, engines_dir:
             fixes.append("remove each damaged published folder and run its recipe again")
         raise VerificationFailed(f"{len(rows)} damaged cache artifacts, {len(published)} damaged published folders; "
                                  + "; ".join(fixes))
+
+
+deployment_argument = click.argument("target", metavar="PATH_OR_RECIPE")
+runtime_option = click.option("--runtime", type=click.Choice(["auto", *gen.RUNTIMES]), default="auto",
+                              show_default=True,
+                              help="auto: the best this host has (TensorRT-RTX engine on its RTX GPU, TensorRT-LLM, "
+                                   "ONNX Runtime GenAI on CPU); pytorch: the fake-quantized model from the cache.")
+max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+
+
+def _stream(conversation, ids: list[int], max_new_tokens: int, show: bool):
+    """Print the answer as it is generated (unless `show` is off); return the finished Answer."""
+    answer = []
+    for piece in conversation.stream(ids, max_new_tokens, answer):
+        if show:
+            out.file.write(piece)
+            out.file.flush()
+    if show:
+        out.file.write("\n")
+        out.file.flush()
+    return answer[0]
+
+
+@main.command()
+@deployment_argument
+@set_option
+@click.option("--prompt", required=True, help="The text to continue.")
+@max_new_tokens_option
+@runtime_option
+@click.option("--compare", is_flag=True, help="Also print the unquantized model's answer (from the cache).")
+@common
+def generate(store: ArtifactStore, as_json: bool, target: str, overrides: tuple[str, ...], prompt: str,
+             max_new_tokens: int, runtime: str, compare: bool) -> None:
+    """Continue PROMPT with a published folder (engines/<model>/<format>-<target>) or a recipe whose run is cached,
+    streaming tokens; --json prints text, token count and tokens per second."""
+    deployment = gen.resolve(target, list(overrides), store)
+    name, generator = gen.pick(deployment, runtime)
+    conversation = gen.Conversation(deployment, generator)
+    ids = conversation.prompt_ids(prompt)
+    if compare and not as_json:
+        out.print(f"[bold]quantized ({name}):[/]", end=" ")
+    answer = _stream(conversation, ids, max_new_tokens, show=not as_json)
+    result = {"artifact": deployment.name, "runtime": name, "prompt": prompt, **answer.to_json()}
+    if compare:
+        reference = gen.Conversation(deployment, gen.unquantized(deployment))
+        if not as_json:
+            out.print("[bold]unquantized (pytorch):[/]", end=" ")
+        result["compare"] = {"runtime": "pytorch", **_stream(reference, ids, max_new_tokens, not as_json).to_json()}
+    _emit(as_json, result, lambda: err.print(f"[dim]{name}: {answer.tokens} tokens, "
+                                             f"{result['tokens_per_second']} tokens/s[/]"))
+
+
+@main.command()
+@deployment_argument
+@set_option
+@click.option("--system", default=None, help="A system message to start the conversation with.")
+@max_new_tokens_option
+@runtime_option
+@common
+def chat(store: ArtifactStore, as_json: bool, target: str, overrides: tuple[str, ...], system: str | None,
+         max_new_tokens: int, runtime: str) -> None:
+    """Talk to a published folder or a cached recipe's build with the model's chat template, one line per turn;
+    an empty line or end of input ends it. --json prints one JSON object per answer."""
+    deployment = gen.resolve(target, list(overrides), store)
+    name, generator = gen.pick(deployment, runtime)
+    conversation = gen.Conversation(deployment, generator)
+    messages = [{"role": "system", "content": system}] if system else []
+    if not as_json:
+        err.print(f"[dim]{deployment.name} on {name}; an empty line ends the chat[/]")
+    while line := _read_turn():
+        messages.append({"role": "user", "content": line})
+        answer = _stream(conversation, conversation.chat_ids(messages), max_new_tokens, show=not as_json)
+        messages.append({"role": "assistant", "content": answer.text})
+        if as_json:
+            _event({"runtime": name, "user": line, **answer.to_json()})
+
+
+def _read_turn() -> str:
+    try:
+        return click.prompt("", prompt_suffix="> ", default="", show_default=False, err=True).strip()
+    except click.exceptions.Abort:  # end of input
+        return ""

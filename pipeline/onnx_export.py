@@ -1,33 +1,42 @@
 """A deployable decoder ONNX with Q/DQ nodes from a ModelOpt fake-quantized model, and an onnxruntime runner for it.
 
-The graph takes (input_ids [B,S], attention_mask [B,P+S], past_key/past_value [L,B,KVH,P,D]) and returns (logits,
-present_key, present_value), with dynamic batch, new-token and past lengths (P may be 0), so generation runs token
-by token. It is traced with the legacy exporter, where ModelOpt's quantizer functions emit Q/DQ nodes, then
-ModelOpt's ONNX post-processors turn them into standard ops with low-precision weight initializers.
+The graph takes (input_ids [B,S], attention_mask [B,P+S], past_key_values.{i}.key/value [B,KVH,P,D] per layer) and
+returns (logits, present.{i}.key/value), with dynamic batch, new-token and past lengths (P may be 0), so generation
+runs token by token. Names and layout are ONNX Runtime GenAI's, so the same graph is its package's decoder. It is
+traced with the legacy exporter, where ModelOpt's quantizer functions emit Q/DQ nodes, then ModelOpt's ONNX
+post-processors turn them into standard ops with low-precision weight initializers.
 """
 
 from __future__ import annotations
 
 import collections
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-INPUTS = ["input_ids", "attention_mask", "past_key", "past_value"]
-OUTPUTS = ["logits", "present_key", "present_value"]
-DYNAMIC_AXES = {
-    "input_ids": {0: "batch", 1: "seq"},
-    "attention_mask": {0: "batch", 1: "total"},
-    "past_key": {1: "batch", 3: "past"},
-    "past_value": {1: "batch", 3: "past"},
-    "logits": {0: "batch", 1: "seq"},
-    "present_key": {1: "batch", 3: "total"},
-    "present_value": {1: "batch", 3: "total"},
-}
+KV_PAST, KV_PRESENT = "past_key_values.%d.{}", "present.%d.{}"  # ONNX Runtime GenAI's default names
+
+
+def kv_names(template: str, layers: int) -> list[str]:
+    """Per-layer cache tensor names, key then value for each layer."""
+    return [template.format(kind) % layer for layer in range(layers) for kind in ("key", "value")]
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    return (["input_ids", "attention_mask", *kv_names(KV_PAST, layers)],
+            ["logits", *kv_names(KV_PRESENT, layers)])
+
+
+def dynamic_axes(layers: int) -> dict:
+    return {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+            "logits": {0: "batch", 1: "seq"}, **{n: {0: "batch", 2: "past"} for n in kv_names(KV_PAST, layers)},
+            **{n: {0: "batch", 2: "total"} for n in kv_names(KV_PRESENT, layers)}}
+
+
 PROTOBUF_LIMIT = 1_800_000_000  # weights go to external data above this (the hard limit is 2 GB)
 
 
@@ -39,7 +48,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, past_key, past_value):
+    def forward(self, input_ids, attention_mask, *past):
         from transformers import DynamicCache
 
         new, total = input_ids.shape[1], attention_mask.shape[1]
@@ -51,11 +60,10 @@ class Decoder(nn.Module):
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
         cache = DynamicCache(config=self.model.config)
         for layer in range(self.model.config.num_hidden_layers):
-            cache.update(past_key[layer], past_value[layer], layer)
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True)
-        layers = out.past_key_values.layers
-        return out.logits, torch.stack([c.keys for c in layers]), torch.stack([c.values for c in layers])
+        return out.logits, *(t for c in out.past_key_values.layers for t in (c.keys, c.values))
 
 
 def _fp4_forward(ctx, inputs, block, amax):
@@ -107,8 +115,8 @@ def kv_shape(config, batch: int, past: int) -> tuple[int, ...]:
 def _example(config):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (2, 3), generator=generator)
-    return (ids, torch.ones(2, 7, dtype=torch.int64), torch.randn(kv_shape(config, 2, 4), generator=generator),
-            torch.randn(kv_shape(config, 2, 4), generator=generator))
+    cache = torch.randn((2 * config.num_hidden_layers, *kv_shape(config, 2, 4)[1:]), generator=generator)
+    return ids, torch.ones(2, 7, dtype=torch.int64), *cache
 
 
 def quantized_formats(model) -> list[str]:
@@ -131,8 +139,9 @@ def export(model, path: Path) -> dict:
     # Block-quantized weights export as static Q/DQ, activations as dynamic quantization (TensorRT's FP4 recipe).
     with torch.inference_mode(), warnings.catch_warnings(), configure_linear_module_onnx_quantizers(model):
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape logic: the graph is verified
-        torch.onnx.export(Decoder(model).eval(), _example(model.config), str(raw), input_names=INPUTS,
-                          output_names=OUTPUTS, dynamic_axes=DYNAMIC_AXES, opset_version=19,
+        layers = model.config.num_hidden_layers
+        torch.onnx.export(Decoder(model).eval(), _example(model.config), str(raw), input_names=io_names(layers)[0],
+                          output_names=io_names(layers)[1], dynamic_axes=dynamic_axes(layers), opset_version=19,
                           do_constant_folding=True, dynamo=False)
     formats = quantized_formats(model)
     graph = onnx.load(str(raw), load_external_data=True)
@@ -325,25 +334,44 @@ def qdq_histogram(path: Path) -> dict:
     return dict(counts)
 
 
+def layer_feeds(past_key: np.ndarray, past_value: np.ndarray) -> dict:
+    """The graph's per-layer cache inputs from stacked [L,B,KVH,P,D] arrays."""
+    names = kv_names(KV_PAST, len(past_key))
+    return {name: (past_key, past_value)[i % 2][i // 2] for i, name in enumerate(names)}
+
+
+def stacked(presents: list) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked [L,B,KVH,T,D] key and value caches from the graph's per-layer outputs (key, value, key, ...)."""
+    return np.stack(presents[0::2]), np.stack(presents[1::2])
+
+
 class StepDecoder:
     """A runtime for the exported decoder graph (onnxruntime, or a TensorRT-RTX engine): subclasses map
-    (input_ids, attention_mask, past_key, past_value) numpy arrays to (logits, present_key, present_value)."""
+    (input_ids, attention_mask, past_key, past_value) numpy arrays, the caches stacked over layers, to (logits,
+    present_key, present_value)."""
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, past_key: np.ndarray, past_value: np.ndarray):
         raise NotImplementedError
+
+    def greedy(self, prompt: np.ndarray, cache_shape: tuple, stop: Collection[int] = ()) -> Iterator[tuple]:
+        """The prompt through an empty cache of `cache_shape` ([L,1,KVH,0,D]), then greedy tokens fed back one by
+        one, each yielded with the logits it was picked from, until a `stop` token (or the caller stops)."""
+        empty = np.zeros(cache_shape, np.float32)
+        logits, key, value = self(prompt[None], np.ones((1, len(prompt))), empty, empty)
+        while True:
+            token = int(logits[0, -1].argmax())
+            yield logits[0], token
+            if token in stop:
+                return
+            logits, key, value = self(np.array([[token]]), np.ones((1, key.shape[3] + 1)), key, value)
 
     def prefill_then_decode(self, config, prompt: np.ndarray, steps: int,
                             progress: Callable[[range], Iterable] = iter) -> tuple[np.ndarray, list[int]]:
         """Logits of the prompt (past length 0), then `steps` greedy tokens fed back one by one through the cache
         (`progress` wraps the steps, e.g. in a progress bar)."""
-        empty = np.zeros(kv_shape(config, 1, 0), np.float32)
-        logits, key, value = self(prompt[None], np.ones((1, len(prompt))), empty, empty)
-        prompt_logits, tokens = logits[0], []
-        for _ in progress(range(steps)):
-            tokens.append(int(logits[0, -1].argmax()))
-            mask = np.ones((1, key.shape[3] + 1))
-            logits, key, value = self(np.array([[tokens[-1]]]), mask, key, value)
-        return prompt_logits, tokens
+        greedy = self.greedy(prompt, kv_shape(config, 1, 0))
+        picked = [next(greedy) for _ in progress(range(steps))]
+        return picked[0][0], [token for _, token in picked]
 
 
 class OrtDecoder(StepDecoder):
@@ -361,5 +389,6 @@ class OrtDecoder(StepDecoder):
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, past_key: np.ndarray, past_value: np.ndarray):
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-                 "past_key": past_key.astype(np.float32), "past_value": past_value.astype(np.float32)}
-        return self.session.run(OUTPUTS, feeds)
+                 **layer_feeds(past_key.astype(np.float32), past_value.astype(np.float32))}
+        logits, *presents = self.session.run(None, feeds)
+        return logits, *stacked(presents)

@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline import card, host
+from pipeline import card, genai, host
 from pipeline.errors import BadInput, VerificationFailed
 from pipeline.recipe import Recipe
 from pipeline.files import copy_hashed, sha256_file
@@ -111,6 +111,9 @@ def _fill(staging: Path, recipe: Recipe, artifacts: dict[str, Artifact], keys: d
         fmt, _, rest = name.partition("/")
         if fmt in export.metadata["formats"] and not (verify is not None and rest == CARD):
             copy(export, name, name)
+    config = staging / "onnx" / genai.CONFIG_FILE
+    if config.is_file():  # the package names the execution providers of the GPUs it is published for
+        files[f"onnx/{genai.CONFIG_FILE}"] = _write(config, genai.with_providers(config.read_bytes(), recipe.gpus))
     if "build" in artifacts:
         for name in artifacts["build"].manifest["files"]:
             copy(artifacts["build"], name, f"engine/{name}")

@@ -47,6 +47,7 @@ class TensorRTRTX:
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
         from transformers import AutoConfig
 
+        from pipeline.onnx_export import io_names
         from pipeline.stages.export import ONNX_FILE
 
         model = AutoConfig.from_pretrained(ctx.input("load") / "model")
@@ -55,7 +56,7 @@ class TensorRTRTX:
         (ctx.out / ENGINE_FILE).write_bytes(engine)
         (ctx.out / "engine.json").write_text(json.dumps(
             {"compute_capability": metadata["compute_capability"], "profile": metadata["profile"],
-             "inputs": ["input_ids", "attention_mask", "past_key", "past_value"]}, indent=2))
+             "inputs": io_names(model.num_hidden_layers)[0]}, indent=2))
         return metadata
 
 
@@ -63,7 +64,7 @@ def compile_engine(onnx_path: Path, model_config, spec, sms: list[int]) -> tuple
     """Parse the ONNX decoder and build one serialized engine that runs on each of `sms` (no GPU needed)."""
     import tensorrt_rtx as trt
 
-    from pipeline.onnx_export import kv_shape
+    from pipeline.onnx_export import KV_PAST, kv_names, kv_shape
 
     started = time.time()
     builder = trt.Builder(_trt_logger())
@@ -79,8 +80,8 @@ def compile_engine(onnx_path: Path, model_config, spec, sms: list[int]) -> tuple
     batch, seq, past = (1, 1, spec.max_batch_size), (1, 1, spec.max_input_len), (0, 0, spec.max_seq_len - 1)
     profile.set_shape("input_ids", *[(b, s) for b, s in zip(batch, seq)])
     profile.set_shape("attention_mask", *[(b, p + s) for b, s, p in zip(batch, seq, past)])
-    for name in ("past_key", "past_value"):
-        profile.set_shape(name, *[(layers_n, b, kv_heads, p, head_dim) for b, p in zip(batch, past)])
+    for name in kv_names(KV_PAST, layers_n):
+        profile.set_shape(name, *[(b, kv_heads, p, head_dim) for b, p in zip(batch, past)])
     config.add_optimization_profile(profile)
     config.num_compute_capabilities = len(sms)
     for index, sm in enumerate(sms):
@@ -102,7 +103,7 @@ def engine_decoder(path: Path):
     import tensorrt_rtx as trt
     import torch
 
-    from pipeline.onnx_export import OUTPUTS, StepDecoder
+    from pipeline.onnx_export import StepDecoder, io_names, layer_feeds, stacked
 
     dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT64: torch.int64,
               trt.DataType.INT32: torch.int32}
@@ -116,22 +117,23 @@ def engine_decoder(path: Path):
             self.stream = torch.cuda.Stream()
 
         def __call__(self, ids, mask, past_key, past_value):
-            feeds = {"input_ids": ids, "attention_mask": mask, "past_key": past_key, "past_value": past_value}
+            feeds = {"input_ids": ids, "attention_mask": mask, **layer_feeds(past_key, past_value)}
             held = []  # keep every device buffer alive until the engine has run
             for name, array in feeds.items():
                 tensor = torch.as_tensor(array).to("cuda", dtypes[self.engine.get_tensor_dtype(name)]).contiguous()
                 self.context.set_input_shape(name, tuple(tensor.shape))
                 held.append(tensor if tensor.numel() else torch.empty(1, dtype=tensor.dtype, device="cuda"))
                 self.context.set_tensor_address(name, held[-1].data_ptr())
-            outputs = {}
-            for name in OUTPUTS:
+            outputs, output_names = {}, io_names(len(past_key))[1]
+            for name in output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
                 outputs[name] = torch.empty(shape, dtype=dtypes[self.engine.get_tensor_dtype(name)], device="cuda")
                 self.context.set_tensor_address(name, outputs[name].data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT-RTX engine execution failed; rerun with -vv for its log")
             self.stream.synchronize()
-            return tuple(outputs[name].float().cpu().numpy() for name in OUTPUTS)
+            logits, *presents = (outputs[name].float().cpu().numpy() for name in output_names)
+            return logits, *stacked(presents)
 
     return EngineDecoder()
 

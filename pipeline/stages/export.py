@@ -27,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class Export(Stage):
     name = "export"
-    version = "1"
+    version = "2"  # 2: the ONNX decoder has ONNX Runtime GenAI's per-layer KV cache and its genai_config.json
     inputs = ("load", "calibrate", "quantize")
     fields = ("export",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnx-graphsurgeon")
@@ -120,7 +120,7 @@ def _export_trtllm(model_dir: Path, calibration: Path, target: Path, spec) -> No
 
 
 def _export_onnx(model_dir: Path, calibration: Path, target: Path) -> dict:
-    from pipeline import onnx_export
+    from pipeline import genai, onnx_export
     from pipeline.modeling import load_model
     from pipeline.quant import library_prints, restore_calibration
 
@@ -128,7 +128,9 @@ def _export_onnx(model_dir: Path, calibration: Path, target: Path) -> dict:
     restore_calibration(model, calibration)
     target.mkdir(parents=True)
     with library_prints():
-        return onnx_export.export(model, target / ONNX_FILE)
+        details = onnx_export.export(model, target / ONNX_FILE)
+    genai.write_config(target, model, ONNX_FILE)  # the folder is also an ONNX Runtime GenAI package
+    return details
 
 
 def _weights_bytes(folder: Path) -> int:
