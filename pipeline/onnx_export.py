@@ -370,8 +370,9 @@ class StepDecoder:
         """Logits of the prompt (past length 0), then `steps` greedy tokens fed back one by one through the cache
         (`progress` wraps the steps, e.g. in a progress bar)."""
         greedy = self.greedy(prompt, kv_shape(config, 1, 0))
-        picked = [next(greedy) for _ in progress(range(steps))]
-        return picked[0][0], [token for _, token in picked]
+        picked = [next(greedy)]  # the prompt's logits and the first token
+        picked += [next(greedy) for _ in progress(range(steps - 1))]
+        return picked[0][0], [token for _, token in picked][:steps]
 
 
 class OrtDecoder(StepDecoder):
