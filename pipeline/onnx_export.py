@@ -66,47 +66,6 @@ class Decoder(nn.Module):
         return out.logits, *(t for c in out.past_key_values.layers for t in (c.keys, c.values))
 
 
-def _fp4_forward(ctx, inputs, block, amax):
-    from pipeline.quant import nvfp4_qdq
-
-    # The math must not be traced itself: the symbolic below stands for it, and traced internals would leave the
-    # output mapped to an intermediate value, which breaks the next traced op that reads it.
-    tracing = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
-    try:
-        return nvfp4_qdq(inputs, block, amax)
-    finally:
-        torch._C._set_tracing_state(tracing)
-
-
-def _fp4_symbolic(onnx_type: str):
-    def symbolic(g, inputs, block, amax):
-        from modelopt.torch.quantization.export_onnx import export_fp4
-
-        amax_value = g.op("Constant", value_t=torch.tensor(amax, dtype=torch.float32))
-        output = export_fp4(g, inputs, block, amax_value, (2, 1), "Float", onnx_type)
-        output.setType(inputs.type())  # later symbolics read the dtype of what feeds them
-        return output
-
-    return staticmethod(symbolic)
-
-
-class Fp4Onnx(torch.autograd.Function):
-    """NVFP4 activations while tracing to ONNX: computed on CPU like the backend, emitted as ModelOpt's
-    TRT_FP4DynamicQuantize + DequantizeLinear (ModelOpt's built-in path would need CUDA for the traced forward).
-    The tracer takes neither string arguments nor inherited symbolics, hence two sibling classes."""
-
-    forward = staticmethod(_fp4_forward)
-    symbolic = _fp4_symbolic("dynamic")
-
-
-class Fp4WeightOnnx(torch.autograd.Function):
-    """NVFP4 weights while tracing: TRT_FP4QDQ, which ModelOpt's NVFP4 exporter turns into FP4 initializers."""
-
-    forward = staticmethod(_fp4_forward)
-    symbolic = _fp4_symbolic("static")
-
-
 def kv_shape(config, batch: int, past: int) -> tuple[int, ...]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return (config.num_hidden_layers, batch, config.num_key_value_heads, past, head_dim)

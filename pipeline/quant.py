@@ -58,35 +58,11 @@ def modelopt():
         import modelopt.torch.opt as mto
         import modelopt.torch.quantization as mtq
         from modelopt.torch.quantization.nn.modules import tensor_quantizer
+
+        from pipeline import fp4
     if not tensor_quantizer.is_registered_quant_backend(CPU_NVFP4_BACKEND):
-        tensor_quantizer.register_quant_backend(CPU_NVFP4_BACKEND, _nvfp4_fake_quant)
+        tensor_quantizer.register_quant_backend(CPU_NVFP4_BACKEND, fp4.fake_quant)
     return mtq, mto
-
-
-def _nvfp4_fake_quant(inputs, quantizer):
-    """NVFP4 fake quantization in plain torch, for CPUs: ModelOpt's own NVFP4QTensor quantize/dequantize math
-    (E2M1 values, FP8 E4M3 scale per 16-element block, fp32 scale from the tensor's amax). ModelOpt's built-in path
-    for dynamic block quantization needs a CUDA kernel. While tracing to ONNX it emits ModelOpt's FP4 ops."""
-    import torch
-
-    block = quantizer.block_sizes[-1]
-    amax = quantizer.amax if quantizer.amax is not None else inputs.abs().amax()
-    if torch.onnx.is_in_onnx_export():
-        from pipeline.onnx_export import Fp4Onnx, Fp4WeightOnnx
-
-        static = getattr(quantizer, "_onnx_quantizer_type", None) == "static"
-        return (Fp4WeightOnnx if static else Fp4Onnx).apply(inputs, block, float(amax))
-    return nvfp4_qdq(inputs, block, amax)
-
-
-def nvfp4_qdq(inputs, block: int, amax):
-    import torch
-    from modelopt.torch.quantization.qtensor import NVFP4QTensor
-
-    scale_2 = torch.as_tensor(amax).float().reshape(()) / (6.0 * 448.0)
-    packed, scale, scale_2 = NVFP4QTensor.quantize(inputs, block, weights_scaling_factor_2=scale_2)
-    output = packed.dequantize(dtype=inputs.dtype, scale=scale, double_scale=scale_2, block_sizes={-1: block})
-    return output.reshape(inputs.shape)
 
 
 def _use_cpu_nvfp4(config: dict) -> None:
