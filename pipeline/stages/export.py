@@ -27,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class Export(Stage):
     name = "export"
-    version = "1"
+    version = "2"
     inputs = ("load", "calibrate", "quantize")
     fields = ("export",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnx-graphsurgeon")
