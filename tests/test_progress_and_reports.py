@@ -68,8 +68,9 @@ def test_verify_tracks_every_phase_and_compares_perplexities_on_the_same_windows
     result = run_stage(Verify(), recipe, real_store, artifacts, tmp_path / "verify", track)
     assert_bounded(track)
     for pattern in ("perplexity, unquantized", "perplexity, quantized", "greedy generation, unquantized",
-                    "greedy generation, quantized", "teacher-forced", "^hf: dequantized layers", "^hf: perplexity",
-                    "^trtllm: dequantized layers", "^onnxruntime: prefill", "^onnxruntime: KV-cache",
+                    "greedy generation, quantized", "teacher-forced", "^hf: dequantized layers",
+                    "^hf: dequantized export vs calibrated model, logits and perplexity", "^trtllm: dequantized layers",
+                    "^trtllm: dequantized export", "^onnxruntime: prefill", "^onnxruntime: KV-cache",
                     "^onnxruntime: decode speed"):
         assert track.described(pattern), f"no progress for {pattern!r}: {[p['description'] for p in track.phases]}"
     assert track.described("perplexity, quantized")[0]["total"] == 2  # TINY: 256 tokens in windows of 128

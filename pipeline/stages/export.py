@@ -27,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class Export(Stage):
     name = "export"
-    version = "2"  # 2: the ONNX decoder has ONNX Runtime GenAI's per-layer KV cache and its genai_config.json
+    version = "3"  # 2: ONNX Runtime GenAI layout and genai_config.json; 3: cards say what loads each export
     inputs = ("load", "calibrate", "quantize")
     fields = ("export",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnx-graphsurgeon")
