@@ -219,7 +219,12 @@ class ConsoleReporter(runner.Reporter):
             self.task = None
 
     def track(self, items: Iterable, total: int | None = None, description: str = "") -> Iterable:
-        return self.progress.track(items, total=total, description=f"  {description}")
+        """Items with a bar of their own, removed once they are done: a finished phase leaves no row behind."""
+        task = self.progress.add_task(f"  {description}", total=total)
+        for item in items:
+            yield item
+            self.progress.advance(task)
+        self.progress.remove_task(task)
 
 
 def _summary_table(outcomes: list[runner.Outcome], seconds: float) -> Table:

@@ -172,7 +172,7 @@ class VerifySpec(Section):
     seq_len: int = Field(512, gt=1, description="window length for perplexity")
     max_new_tokens: int = Field(32, ge=1)
     prompts: tuple[str, ...] = (
-        "The capital of France is",
+        "What is the capital of France?",
         "Write one sentence about the ocean.",
         "List three prime numbers.",
         "What does a compiler do?",

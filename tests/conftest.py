@@ -19,7 +19,7 @@ TINY = [
     "verify.tokens=256",
     "verify.seq_len=128",
     "verify.max_new_tokens=8",
-    "verify.prompts=['The capital of France is', 'Write one sentence about the ocean.']",
+    "verify.prompts=['What is the capital of France?', 'Write one sentence about the ocean.']",
 ]
 
 
