@@ -220,6 +220,8 @@ class ConsoleReporter(runner.Reporter):
 
     def track(self, items: Iterable, total: int | None = None, description: str = "") -> Iterable:
         """Items with a bar of their own, removed once they are done: a finished phase leaves no row behind."""
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)
         task = self.progress.add_task(f"  {description}", total=total)
         for item in items:
             yield item
