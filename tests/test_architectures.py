@@ -31,7 +31,7 @@ CALIBRATION = ["calibration.samples=2", "calibration.seq_len=32", "calibration.b
 # Whole chain for a few cells: (model type, preset, overrides). The rest are checked at plan level.
 END_TO_END = [
     ("llama", "fp8", ()),
-    ("qwen3", "int4-awq", ()),
+    ("qwen3", "int4_awq", ()),
     ("phi3", "fp8", ("export.formats=[hf]", "build.backend=none")),
     ("gemma2", "fp8", ("export.formats=[hf,onnx]",)),
     ("gemma3_text", "fp8", ("export.formats=[hf,onnx]", "build.backend=none")),

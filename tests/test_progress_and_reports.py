@@ -49,9 +49,9 @@ def assert_bounded(track: RecordingTrack) -> None:
 @pytest.mark.slow
 def test_awq_calibration_reports_modelopt_phases_layer_by_layer(run_preset, real_store, tmp_path):
     overrides = ["calibration.samples=2", "calibration.seq_len=16", "calibration.batch_size=1"]
-    artifacts = {o.stage: o.artifact for o in run_preset("int4-awq", *overrides, until="load").outcomes}
+    artifacts = {o.stage: o.artifact for o in run_preset("int4_awq", *overrides, until="load").outcomes}
     track = RecordingTrack()
-    recipe = load_recipe("int4-awq", [*TINY, *overrides])
+    recipe = load_recipe("int4_awq", [*TINY, *overrides])
     run_stage(Calibrate(), recipe, real_store, artifacts, tmp_path / "calibrate", track)
     assert_bounded(track)
     # ModelOpt's AWQ runs the data twice; the second pass (a dozen forwards inside every layer) is the slow one.
