@@ -26,17 +26,18 @@ def _require() -> None:
 
 
 @functools.cache
-def _task_manager():
+def _task_manager(builtin: bool):
+    """lm-eval's task index; indexing its built-in tasks takes seconds, so only when one is asked for."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager()
+    return TaskManager(include_defaults=builtin)
 
 
 def check_tasks(tasks: list[str]) -> None:
     """BadInput naming unknown tasks (before any model is loaded); HostLacks when lm-eval is missing."""
     _require()
-    known = set(_task_manager().all_tasks) | {LOCAL_TASK}
-    unknown = [t for t in tasks if t not in known]
+    builtin = [t for t in tasks if t != LOCAL_TASK]
+    unknown = [t for t in builtin if t not in set(_task_manager(True).all_tasks)]
     if unknown:
         raise BadInput(f"unknown lm-eval task {', '.join(unknown)}; use {LOCAL_TASK} (offline) or a task from "
                        "`lm_eval --tasks list`")
@@ -79,7 +80,7 @@ def run_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 1, num_fe
     requested = [local_task(tokenizer, dataset) if t == LOCAL_TASK else t for t in tasks]
     out = simple_evaluate(model=lm, tasks=requested, num_fewshot=num_fewshot, limit=limit, log_samples=False,
                           bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                          fewshot_random_seed=seed, task_manager=_task_manager())
+                          fewshot_random_seed=seed, task_manager=_task_manager(tasks != [LOCAL_TASK] * len(tasks)))
     scores = {task: {name.split(",")[0]: value for name, value in metrics.items()
                      if "," in name and "_stderr" not in name and isinstance(value, (int, float))}
               for task, metrics in out["results"].items()}

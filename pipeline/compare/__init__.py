@@ -54,7 +54,10 @@ class CompareSpec(BaseModel):
     @field_validator("baselines")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        return check_names(value)
+        try:
+            return check_names(value)
+        except BadInput as exc:  # a ValueError, so the recipe loader reports it as a field error
+            raise ValueError(str(exc)) from None
 
 
 @dataclass

@@ -17,10 +17,10 @@ def cells(row: dict) -> list[str]:
     """A row's table cells as text; a row without numbers says why."""
     if row["not_run"]:
         return [row["name"], row["method"], f"not run: {row['not_run']}", *[""] * (len(COLUMNS) - 3)]
-    speed = row["tokens_per_second"]
+    speed, seconds = row["tokens_per_second"], row["quantize_seconds"]
     return [row["name"], row["method"], row["runtime"], f"{row.get('ppl_ratio', 1.0):.3f}",
             f"{row.get('agreement', 1.0):.1%}", f"{row['size_vs_fp16']:.2f}x", human_bytes(row["weight_bytes"]),
-            f"{row['quantize_seconds']:.1f} s", f"{speed:.1f}" if speed is not None else "n/a (GPU deployment)"]
+            f"{seconds:.1f} s" if seconds is not None else "", f"{speed:.1f}" if speed is not None else "n/a (GPU deployment)"]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -29,19 +29,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def notes(rows: list[dict]) -> str:
+    """What the numbers mean: one paragraph under the table."""
     reference = next(r for r in rows if r["name"] == "unquantized")
-    return "\n".join([
-        "# quantpipe compare", "",
-        f"`{command}`", "",
-        markdown_table(rows), "",
-        (f"Perplexity ratio and teacher-forced agreement against the unquantized model (perplexity "
-         f"{reference['ppl']:.3f}) on the same {reference['eval_tokens']} held-out tokens. Sizes count unquantized "
-         "floating-point weights at fp16, except ONNX Runtime's files, measured as written (its quantizers leave "
-         "them fp32). Tokens/s: 32 greedy tokens on this CPU, in the runtime shown; ModelOpt rows are fake-quantized "
-         "in PyTorch here and deploy through TensorRT on a GPU."), "",
-        "![weight size against perplexity ratio](plot.png)", "",
-    ])
+    return (f"Perplexity ratio and teacher-forced agreement against the unquantized model (perplexity "
+            f"{reference['ppl']:.3f}) on the same {reference['eval_tokens']} held-out tokens. Sizes count unquantized "
+            "floating-point weights at fp16, except ONNX Runtime's files, measured as written (its quantizers keep "
+            "them fp32). Tokens/s: 32 greedy tokens on this CPU, in the runtime shown. ModelOpt rows (quantpipe's "
+            "recipes, GPTQ) are fake-quantized in PyTorch here and deploy through TensorRT on a GPU. bitsandbytes "
+            "quantizes while loading: its time includes the load.")
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    return "\n".join(["# quantpipe compare", "", f"`{command}`", "", markdown_table(rows), "", notes(rows), "",
+                      f"![weight size against perplexity ratio]({PLOT})", ""])
 
 
 def plot(path: Path, rows: list[dict]) -> None:

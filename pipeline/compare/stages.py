@@ -50,7 +50,7 @@ class Reference(Row):
         fp16 = fp16_bytes(loaded.metadata)
         candidate = measure.Candidate(model, fp16, "PyTorch fp32", measure.torch_decode(model, tokenizer))
         result = measure.measure(candidate, held, None, fp16)
-        return {**result, "size_vs_fp16": 1.0, "weight_bytes": fp16, "quantize_seconds": 0.0,
+        return {**result, "size_vs_fp16": 1.0, "weight_bytes": fp16, "quantize_seconds": None,
                 "generations": evaluate.generate(model, tokenizer, held.prompts, held.max_new_tokens)}
 
 
