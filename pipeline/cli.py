@@ -545,18 +545,18 @@ def compare_command(store: ArtifactStore, as_json: bool, recipes: tuple[str, ...
                     baselines: str | None, report_dir: Path | None) -> None:
     """RECIPES (default: the default preset) side by side with other libraries' quantization of the same model:
     perplexity ratio, agreement, size, time to quantize and CPU speed, on the same held-out tokens."""
-    from pipeline import compare
-    from pipeline.compare import report
+    from pipeline.compare import report, run
+    from pipeline.compare.spec import CompareSpec, check_names
     from pipeline.stages.load import resolve_source
 
     parsed = [load_recipe(r, list(overrides)) for r in recipes or (None,)]
     # A recipe's `compare:` section (compare.CompareSpec) gives the default baselines.
-    spec = getattr(parsed[0], "compare", None) or compare.CompareSpec()
-    names = compare.check_names(baselines.split(",")) if baselines is not None else spec.baselines
+    spec = getattr(parsed[0], "compare", None) or CompareSpec()
+    names = check_names(baselines.split(",")) if baselines is not None else spec.baselines
     # No per-stage lines: ConsoleReporter describes the pipeline's own stages only (rows are logged at -v).
     reporter = ConsoleReporter(progress=err.is_terminal and not as_json, recipe="compare")
     with reporter.progress:
-        rows = [r.to_json() for r in compare.compare(parsed, names, store, reporter)]
+        rows = [r.to_json() for r in run.compare(parsed, names, store, reporter)]
     folder = report_dir or default_engines_dir() / resolve_source(parsed[0]).name / f"compare-{parsed[0].name}"
     command = shlex.join(["quantpipe", "compare", *recipes, *(f"--set={o}" for o in overrides),
                           f"--baselines={','.join(names)}"])

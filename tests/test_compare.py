@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import cli, lmeval
-from pipeline.compare import CompareSpec, check_libraries, compare
+from pipeline.compare.run import LIBRARY_BASELINES, RECIPE_BASELINES, check_libraries, compare
+from pipeline.compare.spec import NAMES, CompareSpec
 from pipeline.errors import BadInput, HostLacks
 from pipeline.recipe import load_recipe
 from tests.conftest import TINY
@@ -28,6 +29,10 @@ def test_unknown_baseline_exits_2_listing_the_valid_names(tmp_path):
     assert result.exit_code == 2
     assert "unknown baseline awq-autoround; baselines are: gptq, nf4, llm-int8, ort-int8, ort-int4" in result.output
     assert not (tmp_path / "load").exists()
+
+
+def test_every_baseline_name_has_one_registry_entry():
+    assert sorted(NAMES) == sorted([*RECIPE_BASELINES, *LIBRARY_BASELINES])
 
 
 def test_a_compare_section_is_checked_like_the_flag():
