@@ -21,6 +21,8 @@ from pipeline.compare import report
 
 RESULTS = BENCH / "RESULTS.md"
 OUT = BENCH / "compare"
+GPTQ_NOTE = ("GPTQ runs through ModelOpt's `gptq` algorithm (INT4 weights, the int4_awq layout); GPTQModel 7.7.0 "
+             "was not tried: it requires torch>=2.14.1 and this project pins torch 2.13.0.")
 START, END = "<!-- compare: start -->", "<!-- compare: end -->"
 
 
@@ -29,6 +31,7 @@ def section(rows: list[dict], command: str, seconds: float) -> str:
         START, "## Against other quantization libraries (`quantpipe compare`)", "",
         f"`{command}`: {seconds / 60:.0f} min on {platform.platform()}, 2 shared cores (absolute times are noisy).",
         "", report.markdown_table(rows), "", report.notes(rows), "",
+        GPTQ_NOTE, "",
         f"![weight size against perplexity ratio](compare/{report.PLOT})", END,
     ])
 
