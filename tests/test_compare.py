@@ -4,6 +4,7 @@ run on the unquantized and the fake-quantized model with the same settings."""
 
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -72,10 +73,11 @@ def test_compare_measures_the_recipe_and_a_baseline_on_the_same_tokens(real_stor
     assert {n: r.key for n, r in again.items()} == {n: r.key for n, r in rows.items()}
     assert again["nf4"].metrics == nf4  # cached: the same measurement, not a new one
 
-    result = invoke("compare", "fp8", *(a for s in SMALL for a in ("--set", s)), "--baselines", "nf4", "--json",
-                    "--out", str(tmp_path / "report"), cache=real_store.root)
-    assert result.exit_code == 0, result.output
-    assert [r["name"] for r in json.loads(result.output)["rows"]] == ["unquantized", "fp8", "nf4"]
+    result = subprocess.run([sys.executable, "-m", "pipeline", "compare", "fp8", *(a for s in SMALL for a in ("--set", s)),
+                             "--baselines", "nf4", "--json", "--out", str(tmp_path / "report"), "--cache-dir",
+                             str(real_store.root)], capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    assert [r["name"] for r in json.loads(result.stdout)["rows"]] == ["unquantized", "fp8", "nf4"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| nf4 | bitsandbytes NF4 |" in report and "--baselines=nf4" in report
     assert (tmp_path / "report" / "plot.png").stat().st_size > 0
