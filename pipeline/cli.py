@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -14,6 +15,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
@@ -83,7 +85,7 @@ def default_engines_dir() -> Path:
 
 
 def _fail(exc: QuantpipeError) -> None:
-    err.print(f"[bold red]quantpipe: error:[/] {exc}", markup=True, highlight=False)
+    err.print(f"[bold red]quantpipe: error:[/] {escape(str(exc))}", markup=True, highlight=False)
     sys.exit(exc.exit_code)
 
 
@@ -680,3 +682,44 @@ def _read_turn() -> str:
         return click.prompt("", prompt_suffix="> ", default="", show_default=False, err=True).strip()
     except click.exceptions.Abort:  # end of input
         return ""
+
+
+@main.command(name="compare")
+@click.argument("recipes", nargs=-1)
+@set_option
+@click.option("--baselines", default=None, metavar="NAMES",
+              help="Comma-separated: gptq, nf4, llm-int8, ort-int8, ort-int4 (default: the recipe's compare.baselines).")
+@click.option("--out", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Where report.md, plot.png and compare.json go (default: <engines>/<model>/compare-<recipe>).")
+@common
+def compare_command(store: ArtifactStore, as_json: bool, recipes: tuple[str, ...], overrides: tuple[str, ...],
+                    baselines: str | None, report_dir: Path | None) -> None:
+    """RECIPES (default: the default preset) side by side with other libraries' quantization of the same model:
+    perplexity ratio, agreement, size, time to quantize and CPU speed, on the same held-out tokens."""
+    from pipeline.compare import report, run
+    from pipeline.compare.spec import CompareSpec, check_names
+    from pipeline.stages.load import resolve_source
+
+    parsed = [load_recipe(r, list(overrides)) for r in recipes or (None,)]
+    # A recipe's `compare:` section (compare.CompareSpec) gives the default baselines.
+    spec = getattr(parsed[0], "compare", None) or CompareSpec()
+    names = check_names(baselines.split(",")) if baselines is not None else spec.baselines
+    # No per-stage lines: ConsoleReporter describes the pipeline's own stages only (rows are logged at -v).
+    reporter = ConsoleReporter(progress=err.is_terminal and not as_json, recipe="compare")
+    with reporter.progress:
+        rows = [r.to_json() for r in run.compare(parsed, names, store, reporter)]
+    folder = report_dir or default_engines_dir() / resolve_source(parsed[0]).name / f"compare-{parsed[0].name}"
+    command = shlex.join(["quantpipe", "compare", *recipes, *(f"--set={o}" for o in overrides),
+                          f"--baselines={','.join(names)}"])
+    report.write(folder, rows, command)
+    _status_facts(report=str(folder / report.REPORT_MD))
+
+    def render() -> None:
+        table = Table(title=f"quantpipe compare ({folder / report.REPORT_MD})", title_justify="left")
+        for column in report.COLUMNS:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*report.cells(row))
+        out.print(table)
+
+    _emit(as_json, {"report": str(folder / report.REPORT_MD), "rows": rows}, render)
