@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import targets
+from pipeline.compare.spec import CompareSpec
 from pipeline.errors import BadInput
 
 Format = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq"]
@@ -171,6 +172,13 @@ class VerifySpec(Section):
     parity_cosine_min: float | None = Field(None, gt=0.0, le=1.0)
     seq_len: int = Field(512, gt=1, description="window length for perplexity")
     max_new_tokens: int = Field(32, ge=1)
+    tasks: tuple[str, ...] = Field((), description="lm-eval tasks run on both models (quantpipe_eval: offline, the "
+                                                   "evaluation text by rolling log-likelihood); extra: eval")
+    task_thresholds: dict[str, float] = Field({}, description="largest relative worsening per task (default 5%)")
+    task_limit: int | None = Field(None, gt=0, description="documents per task; none = all")
+    task_batch_size: int = Field(1, gt=0)
+    task_fewshot: int = Field(0, ge=0)
+    task_seed: int = 0
     prompts: tuple[str, ...] = (
         "What is the capital of France?",
         "Write one sentence about the ocean.",
@@ -188,6 +196,7 @@ class Recipe(Section):
     export: ExportSpec = ExportSpec()
     build: BuildSpec = BuildSpec()
     verify: VerifySpec = VerifySpec()
+    compare: CompareSpec = CompareSpec()
 
     @model_validator(mode="before")
     @classmethod

@@ -46,6 +46,13 @@ def markdown(r: dict) -> str:
     lines += ["", f"Engine: {r['engine']}.", ""]
     if r["failures"]:
         lines += ["## Failures", "", *(f"- {f}" for f in r["failures"]), ""]
+    if r.get("lm_eval"):
+        settings = ", ".join(f"{k} {v}" for k, v in r["lm_eval"]["settings"].items())
+        lines += ["## lm-evaluation-harness", "", f"Same settings for both models: {settings}.", "",
+                  "| task | metric | unquantized | quantized | delta | worse by | threshold |",
+                  "| --- | --- | --- | --- | --- | --- | --- |",
+                  *(f"| {t['task']} | {t['metric']} | {t['original']:.4g} | {t['quantized']:.4g} | {t['delta']:+.4g} "
+                    f"| {t['worse_by']:.1%} | {t['threshold']:.0%} |" for t in r["lm_eval"]["rows"]), ""]
     prompting = ("through the tokenizer's chat template, assistant turn opened (instruct model)"
                  if r["prompt_format"] == "chat template" else "as raw text (the tokenizer has no chat template)")
     lines += ["## Generations", "", f"Greedy, prompts given {prompting}.", ""]

@@ -84,27 +84,27 @@ def test_compare_measures_the_recipe_and_a_baseline_on_the_same_tokens(real_stor
 
 
 @pytest.mark.slow
-def test_local_lm_eval_task_scores_both_models_with_the_same_settings(real_store, run_preset):
-    from pipeline.modeling import load_model
-    from pipeline.quant import restore_calibration
-
-    outcomes = {o.stage: o.artifact for o in run_preset("fp8", until="calibrate").outcomes}
-    original, tokenizer = load_model(outcomes["load"] / "model")
-    quantized, _ = load_model(outcomes["load"] / "model")
-    restore_calibration(quantized, outcomes["calibrate"].path)
-
-    before = lmeval.run_tasks(original, tokenizer, [lmeval.LOCAL_TASK], limit=1, seed=3)
-    after = lmeval.run_tasks(quantized, tokenizer, [lmeval.LOCAL_TASK], limit=1, seed=3)
-    assert before["settings"] == after["settings"]
-    assert before["settings"] | {"lm_eval": None} == {"batch_size": 1, "num_fewshot": 0, "seed": 3, "limit": 1,
-                                                       "dataset": "eval", "lm_eval": None}
-    scores = before["scores"][lmeval.LOCAL_TASK]
-    assert set(scores) == {"token_perplexity", "word_perplexity", "bits_per_byte"}
-    assert scores["word_perplexity"] > scores["token_perplexity"] > 1  # more tokens than words
-
-    rows, failures = lmeval.task_deltas(before, after, {lmeval.LOCAL_TASK: 0.10})
-    token = next(r for r in rows if r["metric"] == "token_perplexity")
+def test_verify_runs_the_local_lm_eval_task_on_both_models_and_reports_the_delta(run_preset):
+    result = run_preset("fp8", "verify.tasks=[quantpipe_eval]", "verify.task_limit=1", "verify.task_seed=3",
+                        until="verify")
+    report = json.loads((result.outcomes[-1].artifact / "report.json").read_text())
+    assert report["lm_eval"]["settings"] | {"lm_eval": None} == {
+        "batch_size": 1, "num_fewshot": 0, "seed": 3, "limit": 1, "dataset": "eval", "lm_eval": None}
+    rows = {row["metric"]: row for row in report["lm_eval"]["rows"]}
+    assert set(rows) == {"token_perplexity", "word_perplexity", "bits_per_byte"}
+    token = rows["token_perplexity"]
+    assert token["original"] > 1 and token["quantized"] > 1
     assert token["delta"] == pytest.approx(token["quantized"] - token["original"])
-    assert abs(token["worse_by"]) < 0.10 and token["passed"] and not failures  # FP8 is within noise here
-    _, strict = lmeval.task_deltas(before, after, {lmeval.LOCAL_TASK: token["worse_by"] - 0.01})
-    assert any("token_perplexity" in f for f in strict)
+    assert abs(token["worse_by"]) < 0.10 and token["passed"]  # FP8 is within noise here
+    assert "## lm-evaluation-harness" in (result.outcomes[-1].artifact / "report.md").read_text()
+
+
+def test_task_deltas_fail_a_task_worse_than_its_threshold():
+    def scores(ppl):
+        return {"scores": {"t": {"token_perplexity": ppl}}, "higher_is_better": {"t": {"token_perplexity": False}},
+                "settings": {"seed": 0}}
+
+    rows, failures = lmeval.task_deltas(scores(10.0), scores(10.4), {"t": 0.05})
+    assert rows[0]["worse_by"] == pytest.approx(0.04) and rows[0]["passed"] and not failures
+    _, strict = lmeval.task_deltas(scores(10.0), scores(10.4), {"t": 0.03})
+    assert strict == ["lm-eval t token_perplexity 10.4 vs 10 unquantized: 4.0% worse > 3%"]

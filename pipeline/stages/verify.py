@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline import data
+from pipeline import data, lmeval
 from pipeline.errors import BadInput
 from pipeline.recipe import DEFAULT_THRESHOLDS, Recipe
 from pipeline.stages.base import Stage, StageContext
@@ -35,16 +35,18 @@ def thresholds(recipe: Recipe) -> dict:
 
 class Verify(Stage):
     name = "verify"
-    version = "3"
+    version = "4"
     inputs = ("load", "calibrate", "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
-    libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors")
+    libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors", "lm-eval")
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.verify.dataset, store),
                 "thresholds": thresholds(recipe)}
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
+        if recipe.verify.tasks:
+            lmeval.check_tasks(list(recipe.verify.tasks))
         shared = data.shared_paragraphs(recipe.calibration.dataset, recipe.verify.dataset)
         if shared:
             raise BadInput(f"verify.dataset shares {shared} paragraphs with calibration.dataset; evaluate on "
@@ -94,6 +96,7 @@ class Verify(Stage):
                                           tolerance, ctx.track)
         engine_status, engine_run = _check_engine(ctx.inputs.get("build"), recipe, quantized, windows, limits,
                                                   ctx.track)
+        lm_eval = _lm_eval(spec, original, quantized, tokenizer, failures) if spec.tasks else None
         # Parity: weight-only view of the calibrated model (activation and KV quantizers off, pre-quant scales kept)
         # against a plain model holding each export's dequantized weights.
         mtq, _ = modelopt()
@@ -129,7 +132,7 @@ class Verify(Stage):
             "generations": [{"prompt": p, "original": tokenizer.decode(a, skip_special_tokens=True),
                              "quantized": tokenizer.decode(b, skip_special_tokens=True)}
                             for p, a, b in zip(spec.prompts, texts_original, texts_quantized)],
-            "engine": engine_status, "engine_run": engine_run,
+            "engine": engine_status, "engine_run": engine_run, "lm_eval": lm_eval,
             "sizes": {fmt: info["bytes"] for fmt, info in exported.metadata["formats"].items()},
             "fp16_bytes": exported.metadata["fp16_bytes"],
         }
@@ -178,6 +181,17 @@ class Verify(Stage):
         return {"quant_algo": info["quant_algo"], "kv_cache_quant_algo": info["kv_cache_quant_algo"],
                 "group_size": info["group_size"], "problems": problems, "bad_layers": bad[:5], "layers": layers,
                 "parity": {k: parity[k] for k in ("cosine", "max_abs_error")}, "ppl_dequantized": parity["ppl"]}
+
+
+def _lm_eval(spec, original, quantized, tokenizer, failures: list[str]) -> dict:
+    """The recipe's lm-eval tasks on both models (quantizers on) with the same settings; misses join `failures`."""
+    settings = {"batch_size": spec.task_batch_size, "num_fewshot": spec.task_fewshot, "seed": spec.task_seed,
+                "limit": spec.task_limit, "dataset": spec.dataset}
+    before = lmeval.run_tasks(original, tokenizer, list(spec.tasks), **settings)
+    after = lmeval.run_tasks(quantized, tokenizer, list(spec.tasks), **settings)
+    rows, misses = lmeval.task_deltas(before, after, spec.task_thresholds)
+    failures += misses
+    return {"settings": before["settings"], "rows": rows}
 
 
 def _steps(track, items, description: str):
