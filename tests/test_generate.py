@@ -56,16 +56,16 @@ def test_what_cannot_be_generated_from_says_why(tmp_path):
         gen.pick(gen.resolve(str(tmp_path), [], store))
 
 
-def _published(run_preset, tmp_path, preset: str, *overrides: str, until: str = "export"):
+def _published(run_preset, store, tmp_path, preset: str, *overrides: str, until: str = "export"):
     """Publish a run that stopped before verify, as a complete run would be published."""
     artifacts = {o.stage: o.artifact for o in run_preset(preset, *overrides, until=until).outcomes}
-    return publish(tmp_path / "engines", load_recipe(preset, [*TINY, *overrides]), artifacts), artifacts
+    return publish(tmp_path / "engines", load_recipe(preset, [*TINY, *overrides]), artifacts, store), artifacts
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["fp8", "int8_sq", "int4_awq"])
 def test_generate_answers_from_the_published_onnx_package(run_preset, real_store, tmp_path, preset):
-    folder, artifacts = _published(run_preset, tmp_path, preset)
+    folder, artifacts = _published(run_preset, real_store, tmp_path, preset)
     config = json.loads((folder / "onnx" / genai.CONFIG_FILE).read_text())
     assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"NvTensorRtRtx": {}}]
 
@@ -129,7 +129,7 @@ def _rtx_gpu_for(sm: int) -> bool:
 @pytest.mark.skipif(not _rtx_gpu_for(89), reason=f"needs an Ada RTX GPU (sm_89) and tensorrt-rtx; found GPUs "
                                                  f"{[f'{g.name} sm_{g.sm}' for g in host.gpus()]}")
 def test_tensorrt_rtx_engine_answers_like_the_onnx_package(run_preset, real_store, tmp_path):
-    folder, _ = _published(run_preset, tmp_path, "fp8", until="build")
+    folder, _ = _published(run_preset, real_store, tmp_path, "fp8", until="build")
     deployment = gen.resolve(str(folder), [], real_store)
     engine = gen.Conversation(deployment, gen.pick(deployment, "tensorrt-rtx")[1])
     package = gen.Conversation(deployment, gen.pick(deployment, "onnxruntime-genai")[1])
@@ -142,7 +142,7 @@ def test_tensorrt_rtx_engine_answers_like_the_onnx_package(run_preset, real_stor
 @pytest.mark.skipif(not host.gpus() or trtllm_version() is None,
                     reason=f"needs an NVIDIA GPU and tensorrt_llm; found GPUs {[g.name for g in host.gpus()]}")
 def test_tensorrt_llm_api_answers_from_the_hf_checkpoint(run_preset, real_store, tmp_path):
-    folder, _ = _published(run_preset, tmp_path, "fp8", f"target=sm_{host.gpus()[0].sm}")
+    folder, _ = _published(run_preset, real_store, tmp_path, "fp8", f"target=sm_{host.gpus()[0].sm}")
     deployment = gen.resolve(str(folder), [], real_store)
     conversation = gen.Conversation(deployment, gen.pick(deployment, "trtllm")[1])
     assert "Paris" in conversation.tokenizer.decode(list(conversation.generate(conversation.prompt_ids(PROMPT), 6,
