@@ -70,8 +70,6 @@ class _TrtllmBackend:
 class TrtllmEngine(_TrtllmBackend):
     """A TensorRT engine from the exported TensorRT-LLM checkpoint with trtllm-build (TensorRT-LLM <= 1.2)."""
 
-    export_format = "trtllm"
-
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
         spec, fmt = ctx.recipe.build, ctx.recipe.quantization.format
         checkpoint = ctx.input("export") / "trtllm"
@@ -95,8 +93,6 @@ class TrtllmEngine(_TrtllmBackend):
 
 class TrtllmPytorch(_TrtllmBackend):
     """The PyTorch-backend deployable: the HF checkpoint plus LLM API options, loaded once to warm the autotuner."""
-
-    export_format = "hf"
 
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
         spec, q = ctx.recipe.build, ctx.recipe.quantization
