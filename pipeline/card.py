@@ -39,6 +39,8 @@ def render(facts: dict) -> str:
     else:
         lines.append("Not verified yet: run `quantpipe run` through the verify stage.")
     lines += ["", "## How to load it", "", loading(facts["export"], facts["format"]), ""]
+    if facts.get("serving"):
+        lines += ["## Serve it", "", *facts["serving"], ""]
     return "\n".join(lines)
 
 
