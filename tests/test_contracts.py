@@ -8,7 +8,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from pipeline import contracts, runner
+from pipeline.files import write_json_atomic
 from pipeline.recipe import presets
+from pipeline.store import MANIFEST, ArtifactStore
 from tests.test_architectures import _recipe, tiny_model, tokenizer_dir  # noqa: F401 (fixtures)
 
 FAST = ("export.formats=[hf]", "build.backend=none")
@@ -82,3 +84,26 @@ def test_each_broken_rule_names_the_tensor_and_the_engines(tiny_export, tmp_path
     breaks(folder)
     problems = contracts.check(folder)
     assert any(expected in p for p in problems), problems
+
+
+def test_verify_fails_naming_the_tensor_and_engines_where_parity_cannot_see_it(tiny_model, tmp_path):  # noqa: F811
+    """A fused sibling's input_scale changed: the dequantized weights (and so every parity check) are untouched,
+    but vLLM, SGLang and TensorRT-LLM would refuse to fuse q/k/v. Verify fails (exit 5) naming both."""
+    store = ArtifactStore(tmp_path / "store")
+    recipe = _recipe(tiny_model("llama"), "fp8", *FAST)
+    export = runner.run(recipe, store, until="export").outcomes[-1].artifact
+    checkpoint = export / "hf" / "model.safetensors"
+    tensors = load_file(checkpoint)
+    tensors[f"{L0}.self_attn.k_proj.input_scale"] *= 2
+    checkpoint.unlink()  # a hard link into the quantize artifact
+    save_file(tensors, checkpoint, metadata={"format": "pt"})
+    manifest = export.manifest  # an exporter bug, not damage: the manifest agrees with the bytes
+    manifest["files"] = {k: v for k, v in ArtifactStore._inventory(export.path).items() if k != MANIFEST}
+    write_json_atomic(export / MANIFEST, manifest)
+
+    result = runner.run(recipe, store)
+    assert result.failure, "a failed verify is what the CLI exits 5 for"
+    assert (f"hf: loader contract: {L0}.self_attn.k_proj.input_scale: differs from {L0}.self_attn.q_proj.input_scale"
+            in result.failure and ALL in result.failure), result.failure
+    verify = result.outcomes[-1].artifact.metadata
+    assert verify["parity"]["hf"] > 0.99 and verify["exports"]["hf"]["contract"]
