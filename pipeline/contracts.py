@@ -65,14 +65,14 @@ def check(folder: Path) -> list[str]:
     algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
     contract = CONTRACTS.get(algo)
     if contract is None:
-        return [f"hf_quant_config.json: quant_algo {algo!r} has no ModelOpt loader contract here "
-                f"(known: {', '.join(CONTRACTS)})"]
+        return [(f"hf_quant_config.json: quant_algo {algo!r} has no ModelOpt loader contract here "
+                 f"(known: {', '.join(CONTRACTS)})")]
     refuse = f"{', '.join(contract.engines)} would refuse it"
     problems = _config_problems(folder, quant, refuse)
     tensors, weights = {}, {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, "pt") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if name.rsplit(".", 1)[-1] in SCALES:
                     tensors[name] = fh.get_tensor(name).float()
                 elif name.endswith(".weight") and len(fh.get_slice(name).get_shape()) == 2:

@@ -58,8 +58,9 @@ def commands(recipe: Recipe, checkpoint: str) -> dict[str, str]:
                                   f"--max-num-seqs {spec.max_batch_size}",
                                   f"--max-num-batched-tokens {spec.max_num_tokens}"])
     if refusal("sglang", recipe) is None:
-        found["sglang"] = " ".join([f"python -m sglang.launch_server --model-path {path} --quantization "
-                                    f"{MODELOPT_METHOD[recipe.quantization.format]}", *_kv_flag("sglang", recipe),
+        found["sglang"] = " ".join([f"python -m sglang.launch_server --model-path {path}",
+                                    f"--quantization {MODELOPT_METHOD[recipe.quantization.format]}",
+                                    *_kv_flag("sglang", recipe),
                                     f"--context-length {spec.max_seq_len}",
                                     f"--max-running-requests {spec.max_batch_size}"])
     return found
@@ -86,8 +87,8 @@ def card_lines(recipe: Recipe, checkpoint: str) -> list[str]:
     serve/<engine>-serve.sh; TensorRT-LLM's options in serve/trtllm-llm-api-options.yaml) or why it cannot serve it."""
     runs_on = ", ".join(targets.ARCHS[sm].label for sm in sorted(targets.FORMATS[recipe.quantization.format]))
     found = commands(recipe, checkpoint)
-    lines = [f"{recipe.quantization.format} runs natively on {runs_on}. Each command is also in "
-             f"`serve/<engine>-serve.sh`; TensorRT-LLM's options are in `serve/{OPTIONS_FILE}`.", ""]
+    lines = [(f"{recipe.quantization.format} runs natively on {runs_on}. Each command is also in "
+              f"`serve/<engine>-serve.sh`; TensorRT-LLM's options are in `serve/{OPTIONS_FILE}`."), ""]
     for engine, name in ENGINE_NAMES.items():
         lines.append(f"- {name}: `{found[engine]}`" if engine in found else
                      f"- {name}: does not serve it ({refusal(engine, recipe)})")

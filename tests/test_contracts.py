@@ -69,8 +69,8 @@ BREAKS = {
     "config.json disagrees": ("fp8", lambda f: _json(f, "config.json", lambda c: c["quantization_config"].update(
         quant_algo="NVFP4")), "config.json: quantization_config.quant_algo 'NVFP4' differs"),
     "excluded but quantized": ("fp8", lambda f: _json(f, "hf_quant_config.json", lambda c: c["quantization"][
-        "exclude_modules"].append(f"{L0}.mlp.*")), f"{L0}.mlp.down_proj.weight_scale: the module is in "
-                                                   "exclude_modules but quantized"),
+        "exclude_modules"].append(f"{L0}.mlp.*")),
+        f"{L0}.mlp.down_proj.weight_scale: the module is in exclude_modules but quantized"),
     "unquantized but not excluded": ("fp8", lambda f: _json(f, "hf_quant_config.json", lambda c: c["quantization"][
         "exclude_modules"].remove("lm_head")), "lm_head.weight: unquantized (F16) but not in exclude_modules"),
 }
