@@ -54,6 +54,9 @@ UNFOLDABLE = ("o_proj", "down_proj", "w2")
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 SCALES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale")
 FLOAT_WEIGHTS = ("F16", "BF16", "F32")
+# 2-D weights that are not linear layers: engines never quantize them, listed in exclude_modules or not (ModelOpt
+# leaves a Gemma's embedding out of the list).
+NOT_LINEAR = ("embed_tokens",)
 
 
 def check(folder: Path) -> list[str]:
@@ -75,7 +78,8 @@ def check(folder: Path) -> list[str]:
             for name in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if name.rsplit(".", 1)[-1] in SCALES:
                     tensors[name] = fh.get_tensor(name).float()
-                elif name.endswith(".weight") and len(fh.get_slice(name).get_shape()) == 2:
+                elif (name.endswith(".weight") and len(fh.get_slice(name).get_shape()) == 2
+                      and name.split(".")[-2] not in NOT_LINEAR):
                     weights[name.removesuffix(".weight")] = fh.get_slice(name).get_dtype()
     excluded = quant.get("exclude_modules") or []
     for module, dtype in sorted(weights.items()):
