@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UnsupportedOnTarget
 from pipeline.recipe import DEFAULT_ALGORITHM, Recipe
+from pipeline.targets import BACKEND_EXPORTS
 
 TRTLLM_EXPORTER = "ModelOpt's TensorRT-LLM checkpoint exporter"
 FUSED_EXPERTS = (f"{TRTLLM_EXPORTER} needs each layer's experts as separate modules, and transformers 5 fuses them "
@@ -68,8 +69,6 @@ BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_type
 # GGUF files name their architecture differently (general.architecture).
 GGUF_MODEL_TYPES: dict[str, str] = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
 MODELOPT_FORMATS = tuple(DEFAULT_ALGORITHM)  # every quantization.format
-# The export each build backend builds from (pipeline/backends: export_format).
-BACKEND_EXPORTS: dict[str, str] = {"tensorrt-rtx": "onnx", "trtllm": "trtllm", "trtllm-pytorch": "hf"}
 
 
 def family(model_type: str | None) -> Family | None:

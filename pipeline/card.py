@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
+from pipeline.serving import MODELOPT_METHOD
 from pipeline.store import Artifact
 
 
@@ -39,11 +40,9 @@ def render(facts: dict) -> str:
     else:
         lines.append("Not verified yet: run `quantpipe run` through the verify stage.")
     lines += ["", "## How to load it", "", loading(facts["export"], facts["format"]), ""]
+    if facts.get("serving"):
+        lines += ["## Serve it", "", *facts["serving"], ""]
     return "\n".join(lines)
-
-
-# ModelOpt quant_algos that vLLM and SGLang read from a unified HF checkpoint (hf_quant_config.json).
-SERVING_ENGINE_FORMATS = ("fp8", "nvfp4")
 
 
 def loading(export: str, fmt: str) -> str:
@@ -60,9 +59,9 @@ def loading(export: str, fmt: str) -> str:
                 "past_key, past_value; outputs logits, present_key, present_value). Build a TensorRT-RTX engine "
                 f"from it (quantpipe `build.backend: tensorrt-rtx`). {runtime} It is not a checkpoint for "
                 "TensorRT-LLM, vLLM or SGLang.")
-    serving = (f"vLLM and SGLang load it too (ModelOpt {fmt.upper()} checkpoint)." if fmt in SERVING_ENGINE_FORMATS
-               else f"vLLM and SGLang read ModelOpt checkpoints in {' and '.join(SERVING_ENGINE_FORMATS).upper()} "
-                    f"only, not {fmt}.")
+    served = tuple(MODELOPT_METHOD)  # the formats vLLM's and SGLang's ModelOpt loaders read
+    serving = (f"vLLM and SGLang load it too (ModelOpt {fmt.upper()} checkpoint)." if fmt in served
+               else f"vLLM and SGLang read ModelOpt checkpoints in {' and '.join(f.upper() for f in served)} only, not {fmt}.")
     return ("ModelOpt's unified Hugging Face checkpoint (hf_quant_config.json): TensorRT-LLM's LLM API (PyTorch "
             f"backend; quantpipe `build.backend: trtllm-pytorch`) loads it. {serving} Plain transformers does not "
             "dequantize this layout.")

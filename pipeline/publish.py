@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from pipeline import card, genai, host
+from pipeline import card, genai, host, serving
 from pipeline.errors import BadInput, VerificationFailed
 from pipeline.recipe import Recipe
 from pipeline.files import copy_hashed, sha256_file
@@ -87,7 +87,7 @@ def publish(engines_dir: Path, recipe: Recipe, artifacts: dict[str, Artifact], s
         return target
     staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
-        _fill(staging, recipe, artifacts, keys, store)
+        _fill(staging, target, recipe, artifacts, keys, store)
         _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -98,7 +98,7 @@ def publish(engines_dir: Path, recipe: Recipe, artifacts: dict[str, Artifact], s
     return target
 
 
-def _fill(staging: Path, recipe: Recipe, artifacts: dict[str, Artifact], keys: dict[str, str],
+def _fill(staging: Path, target: Path, recipe: Recipe, artifacts: dict[str, Artifact], keys: dict[str, str],
           store: ArtifactStore) -> None:
     staging.mkdir(parents=True)
     export, verify = artifacts["export"], artifacts.get("verify")
@@ -125,9 +125,14 @@ def _fill(staging: Path, recipe: Recipe, artifacts: dict[str, Artifact], keys: d
                    "ppl_ratio_max": verify.metadata["thresholds"]["ppl_ratio_max"],
                    "agreement_min": verify.metadata["thresholds"]["agreement_min"]}
         for fmt, info in export.metadata["formats"].items():
+            serve = serving.card_lines(recipe, str(target / "hf")) if fmt == "hf" else []
             text = card.render({**facts, "artifact": f"{fmt} checkpoint", "bytes": info["bytes"],
-                                "quality": quality, **card.sharding(recipe, fmt)})
+                                "quality": quality, "serving": serve, **card.sharding(recipe, fmt)})
             files[f"{fmt}/{CARD}"] = _write(staging / fmt / CARD, text.encode())
+    if "hf" in export.metadata["formats"]:  # serving bundles beside the checkpoint, naming where it is published
+        (staging / "hf" / "serve").mkdir()
+        for name, data in serving.bundle(recipe, str(target / "hf")).items():
+            files[f"hf/serve/{name}"] = _write(staging / "hf" / "serve" / name, data)
     provenance = {"keys": keys, "recipe": recipe.model_dump(mode="json"), "model": _model(recipe, artifacts["load"]),
                   "host": host.describe(),
                   "versions": {stage: a.manifest.get("environment", {}) for stage, a in artifacts.items()},

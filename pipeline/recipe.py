@@ -135,7 +135,9 @@ class CalibrationSpec(Section):
 
 
 class ExportSpec(Section):
-    formats: tuple[Literal["trtllm", "hf", "onnx"], ...] = ("trtllm", "hf")
+    formats: tuple[Literal["trtllm", "hf", "onnx"], ...] = Field(
+        ("hf",), description="none given = hf plus the export the build backend builds from (filled in); trtllm "
+                             "is legacy (ModelOpt <= 0.48) and exported only when asked for")
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
     dtype: Literal["float16", "bfloat16"] = "float16"
@@ -201,7 +203,7 @@ class Recipe(Section):
     @model_validator(mode="before")
     @classmethod
     def _target_shorthand(cls, data: Any) -> Any:
-        return _resolve_backend(_expand_target(data))
+        return _resolve_formats(_resolve_backend(_expand_target(data)))
 
     @property
     def gpus(self) -> tuple[str, ...]:
@@ -258,6 +260,18 @@ def _resolve_backend(data: Any) -> Any:
     # only a TensorRT-RTX engine holds several GPUs: asking for them asks for it (the target check has the last word)
     backend = "tensorrt-rtx" if build.get("also_for") else targets.default_backend(gpus, fmt)
     return {**data, "build": {**build, "backend": backend}}
+
+
+def _resolve_formats(data: Any) -> Any:
+    """No `export.formats` means the unified HF checkpoint (what TensorRT-LLM, vLLM and SGLang load) plus the export
+    the build backend builds from (onnx for a TensorRT-RTX engine)."""
+    if not isinstance(data, dict):
+        return data
+    export, build = data.get("export") or {}, data.get("build") or {}
+    if not isinstance(export, dict) or not isinstance(build, dict) or export.get("formats") is not None:
+        return data  # given (or malformed: the field validators say so)
+    formats = list(dict.fromkeys(("hf", targets.BACKEND_EXPORTS.get(build.get("backend", "none"), "hf"))))
+    return {**data, "export": {**export, "formats": formats}}
 
 
 def _expand_target(data: Any) -> Any:

@@ -80,6 +80,9 @@ BACKEND_FORMATS: dict[str, frozenset[str]] = {
     "trtllm-pytorch": frozenset(FORMATS),
 }
 
+# The export each build backend builds from (checked by the build stage, defaulted into export.formats).
+BACKEND_EXPORTS: dict[str, str] = {"tensorrt-rtx": "onnx", "trtllm": "trtllm", "trtllm-pytorch": "hf"}
+
 
 def resolve(name: str) -> GpuArch:
     """Turn 'ada', 'sm_89', 'sm89' or '89' into a GpuArch; BadInput for anything else."""

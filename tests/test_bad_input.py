@@ -79,7 +79,7 @@ CASES = [
     ("unknown preset", ["run", "fp16"], 2, "unknown preset 'fp16'"),
     ("bad --set syntax", ["run", "--set", "calibration"], 2, "must look like section.field=value"),
     ("unknown stage", ["run", "--until", "verfy"], 2, "'verfy' is not one of"),
-    ("engine backend library missing", ["run", *set_args("target=hopper", "build.backend=trtllm")], 4,
+    ("engine backend library missing", ["run", *set_args("target=hopper", "build.backend=trtllm-pytorch")], 4,
      "needs tensorrt_llm and an NVIDIA sm_90 GPU"),
     ("pp without the trtllm format", ["run", *set_args("export.formats=[hf]", "export.pp=2")], 2,
      "export.pp applies to the trtllm format only"),
@@ -109,7 +109,8 @@ MODEL_CASES = [
     ("calibration longer than the model allows", ["fp8", "calibration.seq_len=100000"], 2,
      "exceeds the model's 8192 positions"),
     ("tp the heads do not allow", ["fp8", "export.tp=2"], 2, "export.tp 2 does not divide the model's 9 attention"),
-    ("pp beyond the layers", ["fp8", "export.pp=64"], 2, "export.pp 64 exceeds the model's 30 layers"),
+    ("pp beyond the layers", ["fp8", "export.formats=[trtllm,hf]", "export.pp=64"], 2,
+     "export.pp 64 exceeds the model's 30 layers"),
     ("more samples than the data holds", ["fp8", "calibration.samples=100000"], 2, "lower the sample count"),
 ]
 

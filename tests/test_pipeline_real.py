@@ -42,7 +42,7 @@ def test_calibration_change_reruns_calibrate_and_after_only(run_preset, real_sto
 def test_tensor_parallel_export_reuses_the_calibration(run_preset):
     run_preset("fp8")
     # SmolLM2 has 9 query and 3 KV heads: tp=3 is the sharding it allows (tp=2 is refused, see test_bad_input).
-    result = run_preset("fp8", "export.tp=3")
+    result = run_preset("fp8", "export.formats=[trtllm]", "export.tp=3")
     assert statuses(result) == {"load": "hit", "calibrate": "hit", "quantize": "hit", "export": "built"}
     export = result.outcomes[-1].artifact / "trtllm"
     ranks = sorted(p.name for p in export.glob("rank*.safetensors"))
@@ -69,7 +69,7 @@ def test_verify_reports_real_numbers_and_is_a_cache_hit(run_preset, real_store):
     verify = result.outcomes[-1].artifact
     report = verify.metadata
     assert report["passed"] and 1.0 < report["ppl_ratio"] < report["thresholds"]["ppl_ratio_max"]
-    assert report["parity"]["hf"] > 0.99 and report["parity"]["trtllm"] > 0.99
+    assert report["parity"]["hf"] > 0.99
     assert {"report.json", "report.md", "plot.png"} <= {p.name for p in verify.path.iterdir()}
     assert "PASSED" in (verify / "report.md").read_text()
     assert statuses(run_preset("fp8", until="verify"))["verify"] == "hit"
@@ -114,7 +114,7 @@ def test_a_corrupted_scale_fails_verification_with_exit_5_naming_the_tensor(run_
     assert result.returncode == 5, result.stderr
     assert "model.layers.3.mlp.down_proj" in result.stderr
     assert "model.layers.3.mlp.down_proj.weight_scale" in result.stderr
-    assert "hf:" in result.stderr and "trtllm: model.layers.3" not in result.stderr
+    assert "hf:" in result.stderr
 
 
 def test_threshold_miss_exits_5_with_the_numbers(run_preset, real_store, tmp_path):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from pipeline import runner
 from pipeline.errors import VerificationFailed
@@ -250,3 +251,45 @@ def test_fsck_names_damaged_cache_and_published_files_and_repair_discards_the_ca
     result = quantpipe("fsck", store=store, engines=engines)
     assert result.returncode == 5 and result.stdout.splitlines() == [
         f"{folder}/hf/model.safetensors: content differs from the sha256 in build.json"]
+
+
+def test_each_published_hf_checkpoint_has_its_serving_bundle_hashed_and_carded(store, engines):
+    folder = _run(store, engines, "quantization.kv_cache=fp8", "build.max_seq_len=2048").published
+    serve, checkpoint = folder / "hf" / "serve", str(folder / "hf")
+    assert sorted(p.name for p in serve.iterdir()) == ["sglang-serve.sh", "trtllm-llm-api-options.yaml",
+                                                       "trtllm-serve.sh", "vllm-serve.sh"]
+    options = yaml.safe_load((serve / "trtllm-llm-api-options.yaml").read_text())
+    assert options == {"max_batch_size": 8, "max_num_tokens": 2048, "max_seq_len": 2048,
+                       "kv_cache_config": {"dtype": "fp8"}}
+    vllm = (serve / "vllm-serve.sh").read_text()
+    assert f"vllm serve {checkpoint} --quantization modelopt --kv-cache-dtype fp8 --max-model-len 2048" in vllm
+    assert "--quantization modelopt --kv-cache-dtype fp8_e4m3" in (serve / "sglang-serve.sh").read_text()
+    assert f"--extra_llm_api_options {checkpoint}/serve/trtllm-llm-api-options.yaml" in (
+        serve / "trtllm-serve.sh").read_text()
+    card = (folder / "hf" / "README.md").read_text()
+    assert "## Serve it" in card and "fp8 runs natively on ada (sm_89), hopper (sm_90)" in card and vllm.split(
+        "exec ")[1].strip() in card
+    assert "## Serve it" not in (folder / "trtllm" / "README.md").read_text()
+    assert {f"hf/serve/{p.name}" for p in serve.iterdir()} <= set(json.loads((folder / "build.json").read_text())[
+        "files"])
+    assert quantpipe("verify-published", str(folder), store=store).returncode == 0
+
+
+@pytest.mark.parametrize(("overrides", "served", "why"), [
+    (["quantization.format=nvfp4", "target=blackwell", "quantization.kv_cache=fp8"], {"trtllm", "vllm", "sglang"},
+     None),
+    (["quantization.format=int4_awq"], {"trtllm"}, "its ModelOpt loaders take FP8 and NVFP4 only, not int4_awq"),
+    (["quantization.format=nvfp4", "target=blackwell", "quantization.kv_cache=nvfp4"], {"trtllm"},
+     "it has no ModelOpt nvfp4 KV cache"),
+])
+def test_serve_commands_use_each_engines_quantization_flag_or_say_why_not(overrides, served, why):
+    from pipeline import serving
+
+    recipe = load_recipe("fp8", overrides)
+    commands = serving.commands(recipe, "/engines/m/hf")
+    assert set(commands) == served
+    if "vllm" in commands:
+        assert "--quantization modelopt_fp4 --kv-cache-dtype fp8 " in commands["vllm"]
+        assert "--quantization modelopt_fp4 --kv-cache-dtype fp8_e4m3 " in commands["sglang"]
+    else:
+        assert f"- vLLM: does not serve it ({why})" in serving.card_lines(recipe, "/engines/m/hf")

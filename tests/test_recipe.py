@@ -39,6 +39,32 @@ def test_auto_backend_is_one_the_target_runs():
     assert load_recipe("fp8", ["target=hopper", "build.backend=tensorrt-rtx"]).build.backend == "tensorrt-rtx"
 
 
+@pytest.mark.parametrize("name", ["default", "fp8", "int4_awq", "int8_sq", "w4a8_awq", "nvfp4"])
+def test_export_formats_follow_the_runtimes(name):
+    """The unified HF checkpoint always, the ONNX decoder when a TensorRT-RTX engine is built from it, and the
+    legacy TensorRT-LLM checkpoint only when a recipe asks for it (directly or through build.backend: trtllm)."""
+    recipe = load_recipe(name)
+    assert recipe.export.formats == (("hf", "onnx") if recipe.build.backend == "tensorrt-rtx" else ("hf",))
+    assert load_recipe(name, ["target=hopper"]).export.formats == ("hf",)
+    assert load_recipe(name, ["target=hopper", "build.backend=trtllm"]).export.formats == ("hf", "trtllm")
+    assert load_recipe(name, ["export.formats=[trtllm,hf]"]).export.formats == ("trtllm", "hf")
+
+
+def test_the_legacy_trtllm_export_warns_and_is_refused_once_modelopt_dropped_it(monkeypatch, caplog):
+    from pipeline import host
+    from pipeline.errors import UnsupportedOnTarget
+    from pipeline.stages.export import Export
+
+    recipe = load_recipe("fp8", ["target=hopper", "export.formats=[trtllm,hf]"])
+    monkeypatch.setattr(host, "version", lambda dist: "0.48.1")
+    Export().preflight(recipe, {})
+    assert "TensorRT-LLM 1.2.x and ModelOpt 0.48" in caplog.text
+    monkeypatch.setattr(host, "version", lambda dist: "0.49.0")
+    with pytest.raises(UnsupportedOnTarget, match="export format trtllm needs ModelOpt 0.48 or older"):
+        Export().preflight(recipe, {})
+    Export().preflight(load_recipe("fp8", ["target=hopper"]), {})  # the default export needs no legacy exporter
+
+
 def test_overrides_are_typed_and_target_shorthand_expands():
     recipe = load_recipe("fp8", ["calibration.samples=64", "target=hopper", "export.formats=[hf]"])
     assert recipe.calibration.samples == 64

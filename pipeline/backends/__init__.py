@@ -13,7 +13,6 @@ if TYPE_CHECKING:  # stages import backends: no import cycle at run time
 
 class Backend(Protocol):
     libraries: tuple[str, ...]
-    export_format: str  # the export it builds from
 
     def missing(self, recipe: Recipe) -> str | None:
         """What this host lacks to build for the recipe's target (None when it can)."""

@@ -34,7 +34,6 @@ def _trt_logger():
 
 class TensorRTRTX:
     libraries = ("tensorrt-rtx",)
-    export_format = "onnx"
 
     def missing(self, recipe: Recipe) -> str | None:
         if not host.has_module("tensorrt_rtx"):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from pipeline import host
+from pipeline import host, serving
 from pipeline.errors import HostLacks
 from pipeline.recipe import Recipe
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # stages import backends: no import cycle at run time
 
 # GEMM plugin per format: FP8 and NVFP4 have their own; the rest let TensorRT-LLM pick.
 GEMM_PLUGIN = {"fp8": "fp8", "nvfp4": "nvfp4", "nvfp4_awq": "nvfp4"}
-KV_CACHE_DTYPE = {"none": "auto", "fp8": "fp8", "nvfp4": "nvfp4"}
 
 
 def interpreter() -> str:
@@ -70,8 +69,6 @@ class _TrtllmBackend:
 class TrtllmEngine(_TrtllmBackend):
     """A TensorRT engine from the exported TensorRT-LLM checkpoint with trtllm-build (TensorRT-LLM <= 1.2)."""
 
-    export_format = "trtllm"
-
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
         spec, fmt = ctx.recipe.build, ctx.recipe.quantization.format
         checkpoint = ctx.input("export") / "trtllm"
@@ -96,14 +93,10 @@ class TrtllmEngine(_TrtllmBackend):
 class TrtllmPytorch(_TrtllmBackend):
     """The PyTorch-backend deployable: the HF checkpoint plus LLM API options, loaded once to warm the autotuner."""
 
-    export_format = "hf"
-
     def build(self, ctx: StageContext, tool_cache: Path) -> dict:
-        spec, q = ctx.recipe.build, ctx.recipe.quantization
         checkpoint = ctx.input("export") / "hf"
         shutil.copytree(checkpoint, ctx.out / "checkpoint")
-        options = {"max_batch_size": spec.max_batch_size, "max_num_tokens": spec.max_num_tokens,
-                   "max_seq_len": spec.max_seq_len, "kv_cache_config": {"dtype": KV_CACHE_DTYPE[q.kv_cache]}}
+        options = serving.llm_api_options(ctx.recipe)
         (ctx.out / "llm_api_options.yaml").write_text(yaml.safe_dump(options))
         warm = ("import sys, yaml; from tensorrt_llm import LLM; "
                 "llm = LLM(model=sys.argv[1], **yaml.safe_load(open(sys.argv[2]))); "

@@ -3,7 +3,7 @@ architecture and the backend's versions too, because an engine runs only where i
 
 from __future__ import annotations
 
-from pipeline import host
+from pipeline import host, targets
 from pipeline.backends import registry
 from pipeline.errors import BadInput, HostLacks
 from pipeline.fmt import human_bytes
@@ -25,11 +25,11 @@ class Build(Stage):
         return {**host.versions(backend.libraries), **backend.environment(recipe)}
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
-        backend = registry()[recipe.build.backend]
-        if backend.export_format not in recipe.export.formats:
-            raise BadInput(f"build.backend {recipe.build.backend} builds from the {backend.export_format} export: "
-                           f"add {backend.export_format} to export.formats")
-        problem = backend.missing(recipe)
+        source = targets.BACKEND_EXPORTS[recipe.build.backend]
+        if source not in recipe.export.formats:
+            raise BadInput(f"build.backend {recipe.build.backend} builds from the {source} export: "
+                           f"add {source} to export.formats")
+        problem = registry()[recipe.build.backend].missing(recipe)
         if problem:
             raise HostLacks(problem)
 

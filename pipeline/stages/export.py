@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from pipeline import architectures, card, host
-from pipeline.errors import BadInput, HostLacks
+from pipeline.errors import BadInput, HostLacks, UnsupportedOnTarget
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.quantize import CHECKPOINT
 from pipeline.files import link_tree
 
+log = logging.getLogger(__name__)
+
 ONNX_FILE = "model.onnx"
+# ModelOpt 0.49 removed the TensorRT-LLM checkpoint exporter (TensorRT-LLM 1.3 had already removed trtllm-build):
+# the unified HF checkpoint replaced both.
+TRTLLM_LAST = "TensorRT-LLM 1.2.x and ModelOpt 0.48"
+MODELOPT_WITHOUT_TRTLLM = (0, 49)
 ONNX_MODULES = ("onnx_graphsurgeon", "onnxconverter_common", "onnxruntime")  # ModelOpt's ONNX exporters need them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -38,6 +45,8 @@ class Export(Stage):
         if model:
             _check_parallelism(model, recipe.export.tp, recipe.export.pp)
             architectures.check(recipe, model)  # the load artifact is cached, so load's own check did not run
+        if "trtllm" in recipe.export.formats:
+            _check_trtllm_exporter()
         missing = [m for m in ONNX_MODULES if not host.has_module(m)]
         if "onnx" in recipe.export.formats and missing:
             raise HostLacks(f"export format onnx needs {', '.join(missing)}: pip install 'quantpipe[rtx]'")
@@ -96,6 +105,17 @@ class Export(Stage):
         if ctx.store is None:
             return None
         return ctx.store.find("export", lambda m: m.get("metadata", {}).get("parts", {}).get(fmt) == part)
+
+
+def _check_trtllm_exporter() -> None:
+    """The legacy TensorRT-LLM checkpoint: a warning while ModelOpt still has its exporter, exit 3 once it has not."""
+    installed = host.version("nvidia-modelopt")
+    if installed and tuple(int(part) for part in installed.split(".")[:2]) >= MODELOPT_WITHOUT_TRTLLM:
+        raise UnsupportedOnTarget(f"export format trtllm needs ModelOpt 0.48 or older (installed: {installed}); "
+                                  "export hf instead (TensorRT-LLM's LLM API, vLLM and SGLang load it) or install "
+                                  "nvidia-modelopt==0.48.*")
+    log.warning("export format trtllm and build.backend trtllm are legacy: the last versions that support them are "
+                "%s; the hf checkpoint is what current TensorRT-LLM, vLLM and SGLang load", TRTLLM_LAST)
 
 
 def _check_parallelism(model: dict, tp: int, pp: int) -> None:

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline import data, lmeval
+from pipeline import contracts, data, lmeval
 from pipeline.errors import BadInput
 from pipeline.recipe import DEFAULT_THRESHOLDS, Recipe
 from pipeline.stages.base import Stage, StageContext
@@ -35,7 +35,7 @@ def thresholds(recipe: Recipe) -> dict:
 
 class Verify(Stage):
     name = "verify"
-    version = "4"
+    version = "5"  # 4: lm-eval tasks; 5: the HF checkpoint is checked against the serving engines' loader contracts
     inputs = ("load", "calibrate", "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors", "lm-eval")
@@ -113,6 +113,9 @@ class Verify(Stage):
             if result["parity"] and result["parity"]["cosine"] < limits["parity_cosine_min"]:
                 failures.append(f"{fmt}: logit cosine {result['parity']['cosine']:.4f} < "
                                 f"{limits['parity_cosine_min']}")
+        if "hf" in exports:  # what the serving engines' ModelOpt loaders would refuse
+            exports["hf"]["contract"] = contracts.check(exported.path / "hf")
+            failures += [f"hf: loader contract: {p}" for p in exports["hf"]["contract"]]
         failures += [f"engine: {p}" for p in (engine_run or {}).get("problems", [])]
         ratio = ppl_quantized / ppl_original
         if ratio > limits["ppl_ratio_max"]:

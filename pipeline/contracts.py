@@ -1,0 +1,140 @@
+"""What the serving engines' ModelOpt loaders require of a unified HF checkpoint, as data, and the check verify runs
+on any host (no GPU, no engine).
+
+Sources (checked 2026-11):
+- vLLM `model_executor/layers/quantization/modelopt.py`: ModelOptFp8LinearMethod registers weight, weight_scale and
+  input_scale; ModelOptNvFp4LinearMethod weight, weight_scale (FP8 per 16-block), weight_scale_2 and input_scale;
+  KV cache scales `k_proj.k_scale` / `v_proj.v_scale` for kv_cache_quant_algo FP8; hf_quant_config.json's
+  quant_algo and exclude_modules pick the method per layer. SGLang's `quantization/modelopt_quant.py` mirrors it.
+- TensorRT-LLM `_torch/modules/linear.py` (FP8, NVFP4, W4A16/W4A8 AWQ, W8A8 SmoothQuant): fused qkv and gate_up
+  load one input_scale (and one weight_scale_2, one pre_quant_scale) per fused
+  layer (per-tensor FP8 weight scales are requantized to their maximum instead); AWQ and SmoothQuant layers carry pre_quant_scale where it was not folded into the preceding norm.
+- ModelOpt `export/quant_utils.py` (preprocess_linear_fusion): the exporter unifies exactly those scales, so a
+  checkpoint that differs there was damaged or exported wrong.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+TRTLLM, VLLM, SGLANG = "TensorRT-LLM", "vLLM", "SGLang"
+
+
+@dataclass(frozen=True)
+class Contract:
+    tensors: tuple[str, ...]  # what every quantized linear carries beside its weight
+    identical: tuple[str, ...]  # scales a fused q/k/v or gate/up layer must share
+    engines: tuple[str, ...]  # the engines whose ModelOpt loader reads this quant_algo
+    pre_quant: bool = False  # AWQ / SmoothQuant: pre_quant_scale wherever no norm could absorb it
+
+
+# hf_quant_config.json quant_algo -> its contract.
+CONTRACTS: dict[str, Contract] = {
+    # FP8 weight scales may differ across q/k/v: the loaders requantize the fused weight to their maximum.
+    "FP8": Contract(("weight_scale", "input_scale"), ("input_scale",), (TRTLLM, VLLM, SGLANG)),
+    "W8A8_SQ_PER_CHANNEL": Contract(("weight_scale", "input_scale"), ("input_scale", "pre_quant_scale"), (TRTLLM,),
+                                    pre_quant=True),
+    "W4A16_AWQ": Contract(("weight_scale",), ("pre_quant_scale",), (TRTLLM,), pre_quant=True),
+    "W4A8_AWQ": Contract(("weight_scale", "weight_scale_2", "input_scale"),
+                         ("input_scale", "weight_scale_2", "pre_quant_scale"), (TRTLLM,), pre_quant=True),
+    "NVFP4": Contract(("weight_scale", "weight_scale_2", "input_scale"), ("input_scale", "weight_scale_2"),
+                      (TRTLLM, VLLM, SGLANG)),
+}
+# kv_cache_quant_algo -> the engines that load a KV cache of it; each attention layer then carries both scales.
+KV_CACHE_ENGINES: dict[str, tuple[str, ...]] = {"FP8": (TRTLLM, VLLM, SGLANG), "NVFP4": (TRTLLM,)}
+KV_SCALES = ("k_proj.k_scale", "v_proj.v_scale")
+# Projections whose input comes from no norm, so the exporter cannot fold a pre_quant_scale into one (q/k/v and
+# gate/up may carry theirs in the preceding norm instead).
+UNFOLDABLE = ("o_proj", "down_proj", "w2")
+# Sibling projections the engines fuse into one GEMM (Mixtral's experts call gate/up w1/w3).
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+SCALES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale")
+FLOAT_WEIGHTS = ("F16", "BF16", "F32")
+# 2-D weights that are not linear layers: engines never quantize them, listed in exclude_modules or not (ModelOpt
+# leaves a Gemma's embedding out of the list).
+NOT_LINEAR = ("embed_tokens",)
+
+
+def check(folder: Path) -> list[str]:
+    """Every way the HF checkpoint in `folder` breaks its engines' loader contract, one line each, naming the
+    tensor (or file field) and the engines that would refuse it."""
+    from safetensors import safe_open
+
+    quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+    algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
+    contract = CONTRACTS.get(algo)
+    if contract is None:
+        return [(f"hf_quant_config.json: quant_algo {algo!r} has no ModelOpt loader contract here "
+                 f"(known: {', '.join(CONTRACTS)})")]
+    refuse = f"{', '.join(contract.engines)} would refuse it"
+    problems = _config_problems(folder, quant, refuse)
+    tensors, weights = {}, {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                if name.rsplit(".", 1)[-1] in SCALES:
+                    tensors[name] = fh.get_tensor(name).float()
+                elif (name.endswith(".weight") and len(fh.get_slice(name).get_shape()) == 2
+                      and name.split(".")[-2] not in NOT_LINEAR):
+                    weights[name.removesuffix(".weight")] = fh.get_slice(name).get_dtype()
+    excluded = quant.get("exclude_modules") or []
+    for module, dtype in sorted(weights.items()):
+        skipped = any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module.split(".")[-1], p)
+                      for p in excluded)
+        if skipped:
+            if f"{module}.weight_scale" in tensors:
+                problems.append(f"{module}.weight_scale: the module is in exclude_modules but quantized; {refuse}")
+        elif dtype in FLOAT_WEIGHTS:
+            problems.append(f"{module}.weight: unquantized ({dtype}) but not in exclude_modules; {refuse}")
+        else:
+            needed = (*contract.tensors, *(("pre_quant_scale",) if contract.pre_quant
+                                           and module.rsplit(".", 1)[-1] in UNFOLDABLE else ()))
+            problems += [f"{module}.{t}: missing for {algo}; {refuse}" for t in needed
+                         if f"{module}.{t}" not in tensors]
+    for name, value in sorted(tensors.items()):
+        if not bool(value.isfinite().all()) or not bool((value > 0).all()):
+            problems.append(f"{name}: zero, negative, NaN or infinite scale; {refuse}")
+    problems += _fused_problems(tensors, contract, refuse)
+    if kv_algo:
+        kv_refuse = f"{', '.join(KV_CACHE_ENGINES.get(kv_algo, (TRTLLM,)))} would refuse it"
+        for attention in sorted({m.rsplit(".", 1)[0] for m in weights if m.endswith(".k_proj")}):
+            problems += [f"{attention}.{s}: missing for kv_cache_quant_algo {kv_algo}; {kv_refuse}"
+                         for s in KV_SCALES if f"{attention}.{s}" not in tensors]
+    elif any(n.endswith((".k_scale", ".v_scale")) for n in tensors):
+        problems.append(f"hf_quant_config.json: kv_cache_quant_algo is null but the checkpoint holds KV cache "
+                        f"scales; {refuse}")
+    return problems
+
+
+def _config_problems(folder: Path, quant: dict, refuse: str) -> list[str]:
+    """config.json's quantization_config must say what hf_quant_config.json says (engines read either)."""
+    config = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    problems = []
+    if config.get("quant_algo") != quant.get("quant_algo"):
+        problems.append(f"config.json: quantization_config.quant_algo {config.get('quant_algo')!r} differs from "
+                        f"hf_quant_config.json's {quant.get('quant_algo')!r}; {refuse}")
+    if "ignore" in config and sorted(config["ignore"]) != sorted(quant.get("exclude_modules") or []):
+        problems.append(f"config.json: quantization_config.ignore differs from hf_quant_config.json's "
+                        f"exclude_modules; {refuse}")
+    return problems
+
+
+def _fused_problems(tensors: dict, contract: Contract, refuse: str) -> list[str]:
+    """Scales that fused siblings (q/k/v, gate/up) must share."""
+    problems = []
+    for name, value in sorted(tensors.items()):
+        match = re.match(r"(.*)\.([^.]+)\.([^.]+)$", name)
+        if not match or match.group(3) not in contract.identical:
+            continue
+        parent, module, scale = match.groups()
+        group = next((g for g in FUSED if module == g[0]), None)  # compare each group once, against its first
+        for sibling in group[1:] if group else ():
+            other = tensors.get(f"{parent}.{sibling}.{scale}")
+            if other is not None and (other.shape != value.shape or not bool((other == value).all())):
+                problems.append(f"{parent}.{sibling}.{scale}: differs from {name}, but the engines fuse "
+                                f"{'/'.join(group)} into one layer with one {scale}; {refuse}")
+    return problems
