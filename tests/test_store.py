@@ -137,26 +137,8 @@ def test_committed_files_get_the_umask_modes_but_a_file_linked_in_keeps_its_owne
     assert modes["linked.bin"] == 0o600, "a file with other links is not the store's to change"
 
 
-def test_lock_serialises_writers_across_processes(store, tmp_path):
-    script = textwrap.dedent(f"""
-        import sys, time
-        from pipeline.store import ArtifactStore
-        store = ArtifactStore({str(store.root)!r})
-        with store.lock("calibrate", {KEY!r}):
-            print("locked", flush=True)
-            time.sleep(1.0)
-    """)
-    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    started = time.monotonic()
-    with store.lock("calibrate", KEY):
-        waited = time.monotonic() - started
-    holder.wait()
-    assert waited > 0.3, "the second writer must wait for the first"
-
-
-def test_fsck_takes_the_key_lock_gc_takes_to_remove_an_artifact(store):
-    _write(store)
+def _hold_key_lock(store) -> subprocess.Popen:
+    """Another process holding KEY's lock for a second; returns once it holds it."""
     script = textwrap.dedent(f"""
         import time
         from pipeline.store import ArtifactStore
@@ -167,6 +149,21 @@ def test_fsck_takes_the_key_lock_gc_takes_to_remove_an_artifact(store):
     """)
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_lock_serialises_writers_across_processes(store, tmp_path):
+    holder = _hold_key_lock(store)
+    started = time.monotonic()
+    with store.lock("calibrate", KEY):
+        waited = time.monotonic() - started
+    holder.wait()
+    assert waited > 0.3, "the second writer must wait for the first"
+
+
+def test_fsck_takes_the_key_lock_gc_takes_to_remove_an_artifact(store):
+    _write(store)
+    holder = _hold_key_lock(store)
     started = time.monotonic()
     assert store.fsck() == []
     waited = time.monotonic() - started
