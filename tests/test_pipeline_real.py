@@ -54,7 +54,8 @@ def test_tensor_parallel_export_reuses_the_calibration(run_preset):
 def test_adding_an_export_format_links_the_formats_already_exported(run_preset):
     first = run_preset("fp8", "export.formats=[trtllm]").outcomes[-1].artifact
     run_preset("fp8", "export.formats=[trtllm]", "export.tp=3")  # another trtllm part in the store
-    more = run_preset("fp8", "export.formats=[trtllm,hf]").outcomes[-1].artifact
+    # [hf,trtllm]: an export no other test makes first (test_formats makes [trtllm,hf] with both formats built)
+    more = run_preset("fp8", "export.formats=[hf,trtllm]").outcomes[-1].artifact
     assert "trtllm" in more.metadata["reused"], "the trtllm checkpoint was exported already"
     assert more.metadata["parts"]["trtllm"] == first.metadata["parts"]["trtllm"]
     for name in ("rank0.safetensors", "config.json"):
