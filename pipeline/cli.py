@@ -90,6 +90,7 @@ def _fail(exc: QuantpipeError) -> None:
 
 
 STATUS_FACTS = "quantpipe.status"  # click context meta key: what a command adds to the --status-file record
+ERROR_EVENT_SENT = "quantpipe.error_event_sent"  # the command already ended its --json stream with an error event
 
 
 def _status_facts(**facts) -> None:
@@ -143,7 +144,7 @@ def common(func: Callable) -> Callable:
         except BaseException as exc:
             code = runner.exit_code(exc)
             _write_status(status_file, context.info_name, code, exc, **facts)
-            if as_json and not facts.get("error_reported"):
+            if as_json and not context.meta.get(ERROR_EVENT_SENT):
                 _event({"event": "error", "ok": False, "error": runner.one_line(exc), "exit_code": code})
             if isinstance(exc, QuantpipeError):
                 _fail(exc)
@@ -292,7 +293,7 @@ def _end_run_events(as_json: bool, summary: dict, error: BaseException | None) -
         code, line = runner.exit_code(error), runner.one_line(error)
         _event({"event": "error", "ok": False, "error": line, "exit_code": code})
         summary = {**summary, "ok": False, "error": line, "exit_code": code}
-        _status_facts(error_reported=True)
+        click.get_current_context().meta[ERROR_EVENT_SENT] = True
     _event({"event": "run_end", **summary})
 
 
