@@ -29,6 +29,12 @@ def private_engines_dir(tmp_path_factory):
     os.environ["QUANTPIPE_ENGINES"] = str(tmp_path_factory.mktemp("engines"))
 
 
+@pytest.fixture
+def store(tmp_path) -> ArtifactStore:
+    """An empty store of the test's own."""
+    return ArtifactStore(tmp_path / "cache")
+
+
 @pytest.fixture(scope="session")
 def real_store(tmp_path_factory) -> Iterator[ArtifactStore]:
     """Removed at the end of the session, pass or fail (gigabytes); QUANTPIPE_TEST_CACHE is kept."""

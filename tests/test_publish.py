@@ -16,7 +16,6 @@ from pipeline.errors import VerificationFailed
 from pipeline.publish import destination
 from pipeline.recipe import load_recipe
 from pipeline.stages.base import Stage, StageContext
-from pipeline.store import ArtifactStore
 
 
 def _private(path, data: bytes) -> None:
@@ -82,11 +81,6 @@ def umask_022():
     previous = os.umask(0o022)
     yield
     os.umask(previous)
-
-
-@pytest.fixture
-def store(tmp_path):
-    return ArtifactStore(tmp_path / "cache")
 
 
 @pytest.fixture

@@ -10,11 +10,6 @@ from tests.toy_stages import calls, run_concurrently, toy_chain
 
 
 @pytest.fixture
-def store(tmp_path):
-    return ArtifactStore(tmp_path / "cache")
-
-
-@pytest.fixture
 def calls_file(tmp_path):
     return tmp_path / "calls.txt"
 

@@ -29,11 +29,6 @@ def _write(store, key=KEY, content=b"payload"):
         return store.write("calibrate", key, build, {"params": {"x": 1}})
 
 
-@pytest.fixture
-def store(tmp_path):
-    return ArtifactStore(tmp_path / "cache")
-
-
 def test_written_artifact_has_a_readable_manifest_with_hashes(store):
     artifact = _write(store)
     manifest = json.loads((artifact.path / MANIFEST).read_text())
