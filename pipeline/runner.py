@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline import host, runs, targets
 from pipeline.errors import BadInput, QuantpipeError, VerificationFailed
@@ -123,7 +124,7 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
             if not step.hit:
                 step.stage.preflight(recipe, model)
         artifacts: dict[str, Artifact] = {}
-        facts = {s.stage.name: s.stage.Facts for s in steps}
+        facts_types = {s.stage.name: s.stage.Facts for s in steps}
         failure = None
         for step in steps:
             reporter.stage_started(step)
@@ -131,7 +132,8 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
             read = any(step.stage.name in later.record.inputs for later in steps if not later.hit)  # re-hash it
             cached = (store.get(step.stage.name, step.key, deep=read, facts=step.stage.Facts)  # pulled if only remote
                       if step.hit else None)
-            artifact, status = (cached, "hit") if cached else _build(step, recipe, store, artifacts, facts, reporter)
+            artifact, status = (cached, "hit") if cached else _build(step, recipe, store, artifacts, facts_types,
+                                                                            reporter)
             artifacts[step.stage.name] = artifact
             outcome = Outcome(step.stage.name, step.key, status, time.time() - t0, artifact)
             outcomes.append(outcome)
@@ -153,15 +155,15 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
     return RunResult(outcomes, failure, published, record)
 
 
-def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str, Artifact], facts: dict,
-           reporter: Reporter) -> tuple[Artifact, str]:
+def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str, Artifact],
+           facts_types: dict[str, Any], reporter: Reporter) -> tuple[Artifact, str]:
     stage, name = step.stage, step.stage.name
     with store.lock(name, step.key):
         if not step.forced and (shared := store.get(name, step.key, facts=stage.Facts)) is not None:
             return shared, "shared"
         inputs = {}
         for upstream in step.record.inputs:
-            artifact = store.get(upstream, artifacts[upstream].key, facts=facts[upstream])
+            artifact = store.get(upstream, artifacts[upstream].key, facts=facts_types[upstream])
             if artifact is None:
                 raise BadInput(f"input {upstream} of {name} was damaged or removed during the run; run again")
             inputs[upstream] = artifact

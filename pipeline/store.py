@@ -2,9 +2,9 @@
 
 A stage writes into a private temporary directory; the manifest (file sizes and sha256) is written last and the
 directory is renamed into place, so a killed run never leaves a half artifact under a real key. A file lock per key
-lets concurrent runs share one build. Every read checks the manifest; a damaged artifact is discarded and rebuilt. A reader that
-knows the stage's facts type (Stage.Facts) has the manifest's metadata validated too: metadata that does not fit is
-an outdated or damaged artifact, discarded and rebuilt the same way.
+lets concurrent runs share one build. Every read checks the manifest; a damaged artifact is discarded and rebuilt.
+A reader that knows the stage's facts type (Stage.Facts) has the manifest's metadata validated too: metadata that does
+not fit is an outdated or damaged artifact, discarded and rebuilt the same way.
 A read checks sizes and modification times; a deep read (an input of a stage about to run, `fsck`) re-hashes every
 file. Committed files get the modes the process umask gives new files, whatever mode their writer chose.
 With a remote URL (`pipeline.remote`), artifacts missing here are pulled from that shared tier and new ones pushed to it.
@@ -12,6 +12,7 @@ With a remote URL (`pipeline.remote`), artifacts missing here are pulled from th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,10 @@ NOT_STAGES = ("runs", "tools")  # run records and builder caches live beside the
 
 class FactsMismatch(TypeError):
     """A stage returned metadata that does not fit its own facts type: a bug in that stage, nothing is stored."""
+
+
+def _holds_part(part: str, part_key: str) -> Callable[[dict], bool]:
+    return lambda manifest: manifest.get("parts", {}).get(part) == part_key
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,7 @@ class ArtifactStore:
         already holds under the same part key (its manifest's `parts`); the artifact each linked part came from."""
         linked = {}
         for part, part_key in parts.items():
-            earlier = self.find(stage, lambda m: m.get("parts", {}).get(part) == part_key, facts=facts)
+            earlier = self.find(stage, _holds_part(part, part_key), facts=facts)
             if earlier is not None:
                 link_tree(earlier.path / part, out / part)
                 linked[part] = earlier
@@ -398,7 +403,7 @@ def _read_facts(manifest: dict, facts: Any) -> tuple[Any, str | None]:
     if facts is None:
         return metadata, None
     try:
-        return TypeAdapter(facts).validate_python(metadata), None
+        return _adapter(facts).validate_python(metadata), None
     except ValidationError as exc:
         return None, f"metadata does not fit its facts ({_first_error(exc)}): outdated or damaged"
 
@@ -407,13 +412,18 @@ def _produced_facts(stage: str, produced: Any, facts: Any) -> tuple[Any, Any]:
     """What a stage returned, validated as `facts`, and its JSON form for the manifest."""
     if facts is None:
         return produced, produced
-    adapter = TypeAdapter(facts)
+    adapter = _adapter(facts)
     try:
         parsed = adapter.validate_python(produced)
     except ValidationError as exc:
         raise FactsMismatch(f"the {stage} stage returned metadata that does not fit its facts: "
                             f"{_first_error(exc)}") from exc
     return parsed, adapter.dump_python(parsed, mode="json", fallback=str)
+
+
+@functools.cache
+def _adapter(facts: Any) -> TypeAdapter:
+    return TypeAdapter(facts)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -8,10 +8,10 @@ import logging
 import pytest
 
 from pipeline import runner, runs
+from pipeline.files import write_json_atomic
 from pipeline.keys import KeyRecord
 from pipeline.recipe import load_recipe
 from pipeline.store import MANIFEST, ArtifactStore, FactsMismatch
-from pipeline.files import write_json_atomic
 from tests.toy_stages import ToyCalibrate, ToyFacts, ToyLoad, TypedToyExport, calls
 
 

@@ -3,7 +3,7 @@ architecture and the backend's versions too, because an engine runs only where i
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -44,7 +44,7 @@ class TrtllmPytorchFacts(Facts):
     tensorrt_llm: str | None
 
 
-BuildFacts = Annotated[Union[TensorRTRTXFacts, TrtllmEngineFacts, TrtllmPytorchFacts], Field(discriminator="backend")]
+BuildFacts = Annotated[TensorRTRTXFacts | TrtllmEngineFacts | TrtllmPytorchFacts, Field(discriminator="backend")]
 
 
 class Build(Stage):
