@@ -68,13 +68,12 @@ def loading(export: str, fmt: str) -> str:
 
 
 def facts(recipe: Recipe, artifacts: dict[str, Artifact]) -> dict:
-    model, calibration = artifacts["load"].metadata, artifacts["calibrate"].metadata
-    return {"model": model["name"], "parameters": model["parameters"], "architecture": model["architecture"],
-            "format": calibration["format"], "algorithm": calibration["algorithm"],
-            "kv_cache": calibration["kv_cache"], "block_size": calibration["block_size"],
-            "calibration_tokens": calibration["tokens"], "calibration_dataset": recipe.calibration.dataset,
-            "calibration_seed": recipe.calibration.seed, "decisions": calibration["decisions"],
-            "fp16_bytes": model["parameters"] * 2, "target": recipe.target.gpu}
+    model, calibration = artifacts["load"].facts, artifacts["calibrate"].facts
+    return {"model": model.name, "parameters": model.parameters, "architecture": model.architecture,
+            "format": calibration.format, "algorithm": calibration.algorithm, "kv_cache": calibration.kv_cache,
+            "block_size": calibration.block_size, "calibration_tokens": calibration.tokens,
+            "calibration_dataset": recipe.calibration.dataset, "calibration_seed": recipe.calibration.seed,
+            "decisions": calibration.decisions, "fp16_bytes": model.parameters * 2, "target": recipe.target.gpu}
 
 
 def sharding(recipe: Recipe, fmt: str) -> dict:

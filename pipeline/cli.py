@@ -216,7 +216,7 @@ class ConsoleReporter(runner.Reporter):
             peak = outcome.artifact.manifest.get("peak_rss_bytes")
             err.print(f"quantpipe: {self.recipe}: {outcome.stage}: {outcome.status} in {outcome.seconds:.1f} s, "
                       f"{human_bytes(outcome.artifact.size)}{f', peak RSS {human_bytes(peak)}' if peak else ''}: "
-                      f"{by_name(outcome.stage).summary(outcome.artifact.metadata)}")
+                      f"{by_name(outcome.stage).summary(outcome.artifact.facts)}")
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
@@ -241,7 +241,7 @@ def _summary_table(outcomes: list[runner.Outcome], seconds: float) -> Table:
         peak = o.artifact.manifest.get("peak_rss_bytes")  # measured when the artifact was built
         table.add_row(o.stage, f"[{style}]{o.status}[/]", o.key[:12], f"{o.seconds:.1f} s",
                       human_bytes(o.artifact.size), human_bytes(peak) if peak else "-",
-                      by_name(o.stage).summary(o.artifact.metadata))
+                      by_name(o.stage).summary(o.artifact.facts))
     return table
 
 

@@ -80,7 +80,7 @@ def publish(engines_dir: Path, recipe: Recipe, artifacts: dict[str, Artifact], s
     """Copy the run's deliverables out of the store and point engines/<model>/<format>-<target> at them. The same
     keys again change nothing; other keys replace the recipe's folder, with a warning naming what they replaced."""
     keys = {stage: a.key for stage, a in artifacts.items()}
-    target = destination(engines_dir, artifacts["load"].metadata["name"], recipe)
+    target = destination(engines_dir, artifacts["load"].facts.name, recipe)
     replacing = target.exists()
     before = provenance(target).get("keys")
     if before == keys:
@@ -102,6 +102,7 @@ def _fill(staging: Path, target: Path, recipe: Recipe, artifacts: dict[str, Arti
           store: ArtifactStore) -> None:
     staging.mkdir(parents=True)
     export, verify = artifacts["export"], artifacts.get("verify")
+    formats = export.facts.formats
     files: dict[str, dict] = {}
 
     def copy(artifact: Artifact, name: str, published: str) -> None:
@@ -109,7 +110,7 @@ def _fill(staging: Path, target: Path, recipe: Recipe, artifacts: dict[str, Arti
 
     for name in export.manifest["files"]:
         fmt, _, rest = name.partition("/")
-        if fmt in export.metadata["formats"] and not (verify is not None and rest == CARD):
+        if fmt in formats and not (verify is not None and rest == CARD):
             copy(export, name, name)
     config = staging / "onnx" / genai.CONFIG_FILE
     if config.is_file():  # the package names the execution providers of the GPUs it is published for
@@ -124,12 +125,12 @@ def _fill(staging: Path, target: Path, recipe: Recipe, artifacts: dict[str, Arti
         quality = {"ppl_ratio": verify.metadata["ppl_ratio"], "agreement": verify.metadata["agreement"],
                    "ppl_ratio_max": verify.metadata["thresholds"]["ppl_ratio_max"],
                    "agreement_min": verify.metadata["thresholds"]["agreement_min"]}
-        for fmt, info in export.metadata["formats"].items():
+        for fmt, part in formats.items():
             serve = serving.card_lines(recipe, str(target / "hf")) if fmt == "hf" else []
-            text = card.render({**facts, "artifact": f"{fmt} checkpoint", "bytes": info["bytes"],
+            text = card.render({**facts, "artifact": f"{fmt} checkpoint", "bytes": part.bytes,
                                 "quality": quality, "serving": serve, **card.sharding(recipe, fmt)})
             files[f"{fmt}/{CARD}"] = _write(staging / fmt / CARD, text.encode())
-    if "hf" in export.metadata["formats"]:  # serving bundles beside the checkpoint, naming where it is published
+    if "hf" in formats:  # serving bundles beside the checkpoint, naming where it is published
         (staging / "hf" / "serve").mkdir()
         for name, data in serving.bundle(recipe, str(target / "hf")).items():
             files[f"hf/serve/{name}"] = _write(staging / "hf" / "serve" / name, data)
@@ -166,11 +167,11 @@ def _model(recipe: Recipe, load: Artifact) -> dict:
     from pipeline.stages.load import DEFAULT_PACKAGE, resolve_source
 
     source = resolve_source(recipe)
-    facts = {"name": load.metadata["name"], "kind": source.kind, "weights": load.metadata["weights"]}
+    facts = {"name": load.facts.name, "kind": source.kind, "weights": load.facts.weights}
     if recipe.model.source is None:
         facts["package"] = f"{DEFAULT_PACKAGE.replace('_', '-')} {version(DEFAULT_PACKAGE)}"
     elif source.kind == "hub":
-        facts.update(hub=source.location, revision=load.metadata.get("revision"))
+        facts.update(hub=source.location, revision=load.facts.revision)
     else:
         facts["path"] = source.location
     if source.gguf_file:

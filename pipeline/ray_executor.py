@@ -101,7 +101,7 @@ def run_ray(cells: list[Cell], spec: MatrixSpec, store: ArtifactStore, engines_d
                 continue
             options = resources(step.stage, cell.recipe, spec)
             _check_schedulable(options, available, cell, step.stage.name)
-            upstream = [tasks[(name, keys[name])] for name in step.record["inputs"]]
+            upstream = [tasks[(name, keys[name])] for name in step.record.inputs]
             tasks[node] = stage_task.options(name=f"{step.stage.name}:{step.key[:12]}", **options).remote(
                 recipe_data, step.stage.name, str(store.root), remote_url, *upstream)
             emit({"event": "stage_submitted", "cell": cell.name, "stage": step.stage.name, "key": step.key,

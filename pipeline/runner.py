@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline import host, runs, targets
 from pipeline.errors import BadInput, QuantpipeError, VerificationFailed
+from pipeline.keys import KeyRecord
 from pipeline.publish import publish
 from pipeline.recipe import Recipe
 from pipeline.stages import STAGES, Stage, StageContext
@@ -20,17 +20,11 @@ from pipeline.store import Artifact, ArtifactStore
 log = logging.getLogger(__name__)
 
 
-def stage_key(record: dict) -> str:
-    """sha256 over everything an artifact depends on: stage, version, code, params, input keys, environment."""
-    payload = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
 @dataclass
 class Step:
     stage: Stage
     key: str
-    record: dict
+    record: KeyRecord
     artifact: Artifact | None
     forced: bool
     reasons: list[str] = field(default_factory=list)
@@ -102,16 +96,11 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
     for position, stage in enumerate(stages[: last + 1]):
         if not stage.applies(recipe):
             continue
-        record = {
-            "stage_version": stage.version,
-            "code": stage.code_hash(),
-            "params": stage.params(recipe, store),
-            "inputs": {name: keys[name] for name in stage.inputs if name in keys},
-            "environment": stage.environment(recipe),
-        }
-        key = keys[stage.name] = stage_key({"stage": stage.name, **record})
+        record = KeyRecord(stage.name, stage.version, stage.code_hash(), stage.params(recipe, store),
+                           {name: keys[name] for name in stage.inputs if name in keys}, stage.environment(recipe))
+        key = keys[stage.name] = record.key()
         forced = position >= forced_from
-        step = Step(stage, key, record, store.peek(stage.name, key), forced)
+        step = Step(stage, key, record, store.peek(stage.name, key, facts=stage.Facts), forced)
         if not step.hit:
             step.reasons = _why(stage.name, key, record, previous.get(stage.name), forced, store)
         steps.append(step)
@@ -135,18 +124,21 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
             if not step.hit:
                 step.stage.preflight(recipe, model)
         artifacts: dict[str, Artifact] = {}
+        facts_types = {s.stage.name: s.stage.Facts for s in steps}
         failure = None
         for step in steps:
             reporter.stage_started(step)
             t0 = time.time()
-            read = any(step.stage.name in later.record["inputs"] for later in steps if not later.hit)  # re-hash it
-            cached = store.get(step.stage.name, step.key, deep=read) if step.hit else None  # pulled if only remote
-            artifact, status = (cached, "hit") if cached else _build(step, recipe, store, artifacts, reporter)
+            read = any(step.stage.name in later.record.inputs for later in steps if not later.hit)  # re-hash it
+            cached = (store.get(step.stage.name, step.key, deep=read, facts=step.stage.Facts)  # pulled if only remote
+                      if step.hit else None)
+            artifact, status = (cached, "hit") if cached else _build(step, recipe, store, artifacts, facts_types,
+                                                                            reporter)
             artifacts[step.stage.name] = artifact
             outcome = Outcome(step.stage.name, step.key, status, time.time() - t0, artifact)
             outcomes.append(outcome)
             reporter.stage_finished(outcome)
-            failure = step.stage.failure(artifact.metadata)
+            failure = step.stage.failure(artifact.facts)
             if failure:
                 break
         published = None
@@ -164,33 +156,36 @@ def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force
 
 
 def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str, Artifact],
-           reporter: Reporter) -> tuple[Artifact, str]:
-    name = step.stage.name
+           facts_types: dict[str, Any], reporter: Reporter) -> tuple[Artifact, str]:
+    stage, name = step.stage, step.stage.name
     with store.lock(name, step.key):
-        if not step.forced and (shared := store.get(name, step.key)) is not None:
+        if not step.forced and (shared := store.get(name, step.key, facts=stage.Facts)) is not None:
             return shared, "shared"
         inputs = {}
-        for upstream in step.record["inputs"]:
-            artifact = store.get(upstream, artifacts[upstream].key)
+        for upstream in step.record.inputs:
+            artifact = store.get(upstream, artifacts[upstream].key, facts=facts_types[upstream])
             if artifact is None:
                 raise BadInput(f"input {upstream} of {name} was damaged or removed during the run; run again")
             inputs[upstream] = artifact
+        parts = {part: step.record.part(part, fields).key() for part, fields in stage.parts(recipe).items()}
+        manifest_record = {**step.record.to_json(), "recipe": recipe.name, **({"parts": parts} if parts else {})}
 
-        manifest_record = {**step.record, "recipe": recipe.name}
-
-        def build(out: Path) -> dict:
+        def build(out: Path):
             tool_cache = store.root / "tools" / name
             tool_cache.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track, store)
+            reused = store.link_parts(name, parts, out, facts=stage.Facts)
+            ctx = StageContext(recipe, step.record.params, inputs, out, tool_cache, reporter.track, reused)
             with host.PeakMemory() as peak:
-                metadata = step.stage.run(ctx)
-            manifest_record["peak_rss_bytes"] = peak.bytes  # store.write puts the record in the manifest after build
-            return metadata
+                produced = stage.run(ctx)
+            # store.write puts the record in the manifest after build
+            manifest_record.update(peak_rss_bytes=peak.bytes, **({"reused_parts": sorted(reused)} if parts else {}))
+            return produced
 
-        return store.write(name, step.key, build, manifest_record), "built"
+        return store.write(name, step.key, build, manifest_record, facts=stage.Facts), "built"
 
 
-def _why(stage: str, key: str, record: dict, before: dict | None, forced: bool, store: ArtifactStore) -> list[str]:
+def _why(stage: str, key: str, record: KeyRecord, before: dict | None, forced: bool,
+         store: ArtifactStore) -> list[str]:
     """Human reasons for a miss: what differs from the last run of this recipe or, when that run never built this
     stage, from the nearest artifact of this stage in the store (whichever recipe made it)."""
     if forced:
@@ -200,22 +195,23 @@ def _why(stage: str, key: str, record: dict, before: dict | None, forced: bool, 
     suffix = ""
     if before is None:
         nearest = min((a.manifest for a in store.artifacts(stage) if a.manifest),
-                      key=lambda m: len(_differences(m, record)), default=None)
+                      key=lambda m: len(_differences(KeyRecord.from_json(stage, m), record)), default=None)
         if nearest is None:
             return ["never built"]
         before = nearest
         suffix = f" (vs cached {nearest['key'][:12]} of recipe {nearest.get('recipe', '?')})"
-    return [f"{reason}{suffix}" for reason in _differences(before, record)] or ["key changed"]
+    reasons = _differences(KeyRecord.from_json(stage, before), record)
+    return [f"{reason}{suffix}" for reason in reasons] or ["key changed"]
 
 
-def _differences(before: dict, record: dict) -> list[str]:
-    old, new = _flatten(before.get("params", {})), _flatten(record["params"])
+def _differences(before: KeyRecord, record: KeyRecord) -> list[str]:
+    old, new = _flatten(before.params), _flatten(record.params)
     reasons = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k)]
-    reasons += [f"input {k} changed" for k, v in record["inputs"].items() if before.get("inputs", {}).get(k) != v]
-    reasons += [f"{k} {before.get('environment', {}).get(k)} -> {v}" for k, v in record["environment"].items()
-                if before.get("environment", {}).get(k) != v]
-    if before.get("stage_version") != record["stage_version"] or before.get("code") != record["code"]:
+    reasons += [f"input {k} changed" for k, v in record.inputs.items() if before.inputs.get(k) != v]
+    reasons += [f"{k} {before.environment.get(k)} -> {v}" for k, v in record.environment.items()
+                if before.environment.get(k) != v]
+    if (before.stage_version, before.code) != (record.stage_version, record.code):
         reasons.append("stage code changed")
     return reasons
 
@@ -246,7 +242,7 @@ def _write_run_record(store: ArtifactStore, recipe: Recipe, steps: list[Step], o
         "started": runs.stamp(started),
         "seconds": round(time.time() - started, 3),
         "host": host.describe(),
-        "stages": {s.stage.name: {"key": s.key, **s.record} for s in steps},
+        "stages": {s.stage.name: {"key": s.key, **s.record.to_json()} for s in steps},
         "outcomes": [o.to_json() for o in outcomes],
     }
     return runs.write(store, recipe.name, record, started)

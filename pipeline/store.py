@@ -3,6 +3,8 @@
 A stage writes into a private temporary directory; the manifest (file sizes and sha256) is written last and the
 directory is renamed into place, so a killed run never leaves a half artifact under a real key. A file lock per key
 lets concurrent runs share one build. Every read checks the manifest; a damaged artifact is discarded and rebuilt.
+A reader that knows the stage's facts type (Stage.Facts) has the manifest's metadata validated too: metadata that does
+not fit is an outdated or damaged artifact, discarded and rebuilt the same way.
 A read checks sizes and modification times; a deep read (an input of a stage about to run, `fsck`) re-hashes every
 file. Committed files get the modes the process umask gives new files, whatever mode their writer chose.
 With a remote URL (`pipeline.remote`), artifacts missing here are pulled from that shared tier and new ones pushed to it.
@@ -10,6 +12,7 @@ With a remote URL (`pipeline.remote`), artifacts missing here are pulled from th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,13 +22,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
+from pydantic import TypeAdapter, ValidationError
 
 from pipeline.errors import BadInput, HostLacks
-from pipeline.files import fsync, no_space, normalise_modes, sha256_file, write_json_atomic
+from pipeline.files import fsync, link_tree, no_space, normalise_modes, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +39,21 @@ TMP_PREFIX = ".tmp-"
 NOT_STAGES = ("runs", "tools")  # run records and builder caches live beside the stage directories
 
 
+class FactsMismatch(TypeError):
+    """A stage returned metadata that does not fit its own facts type: a bug in that stage, nothing is stored."""
+
+
+def _holds_part(part: str, part_key: str) -> Callable[[dict], bool]:
+    return lambda manifest: manifest.get("parts", {}).get(part) == part_key
+
+
 @dataclass(frozen=True)
 class Artifact:
     stage: str
     key: str
     path: Path
     manifest: dict
+    facts: Any = field(default=None, compare=False)  # the metadata as its stage's Facts, when read with that type
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -113,41 +127,49 @@ class ArtifactStore:
                 stack.enter_context(held)
             yield
 
-    def peek(self, stage: str, key: str) -> Artifact | None:
+    def peek(self, stage: str, key: str, *, facts: Any = None) -> Artifact | None:
         """What `get` would return, without side effects (nothing discarded, downloaded or touched): for `plan`.
         An artifact only in the remote tier comes with the local path `get` would pull it to."""
         path = self.path_for(stage, key)
         if path.is_dir():
             manifest, problem = self._check(path, stage, key, deep=False)
+            parsed, problem = (None, problem) if problem else _read_facts(manifest, facts)
             if not problem:
-                return Artifact(stage, key, path, manifest)
+                return Artifact(stage, key, path, manifest, parsed)
         if self.remote and (manifest := self.remote.manifest(stage, key)) is not None:
-            return Artifact(stage, key, path, manifest)
+            parsed, problem = _read_facts(manifest, facts)
+            return None if problem else Artifact(stage, key, path, manifest, parsed)
         return None
 
-    def get(self, stage: str, key: str, *, deep: bool = False) -> Artifact | None:
+    def get(self, stage: str, key: str, *, deep: bool = False, facts: Any = None) -> Artifact | None:
         """The artifact if present and intact, pulled from the remote tier if only there; a damaged one is
-        discarded (with a warning) and None returned."""
+        discarded (with a warning) and None returned. With `facts` (a Stage.Facts type) the artifact comes with its
+        metadata validated as that type, and metadata that does not fit counts as damage."""
         path = self.path_for(stage, key)
         if not path.is_dir():
-            return self._pull(stage, key) if self.remote else None
+            return self._pull(stage, key, facts) if self.remote else None
         manifest, problem = self._check(path, stage, key, deep)
+        parsed, problem = (None, problem) if problem else _read_facts(manifest, facts)
         if problem:
             self.discard(stage, key, problem)
-            return self._pull(stage, key) if self.remote else None
+            return self._pull(stage, key, facts) if self.remote else None
         try:
             os.utime(path)  # last-used time, for gc
         except OSError:
             pass
         if self.remote:
             self.remote.push(stage, key, path, manifest)  # heals a remote tier that lost it or missed the upload
-        return Artifact(stage, key, path, manifest)
+        return Artifact(stage, key, path, manifest, parsed)
 
-    def _pull(self, stage: str, key: str) -> Artifact | None:
+    def _pull(self, stage: str, key: str, facts: Any = None) -> Artifact | None:
         from pipeline.remote import RemoteDamaged
 
         manifest = self.remote.manifest(stage, key)
         if manifest is None:
+            return None
+        if problem := _read_facts(manifest, facts)[1]:
+            log.warning("damaged remote artifact %s/%s (%s): discarded, it will be rebuilt", stage, key[:12], problem)
+            self.remote.discard(stage, key)
             return None
         stage_dir = self.root / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -176,12 +198,13 @@ class ArtifactStore:
             os.rename(tmp, final)
         except OSError:  # another process pulled it first
             shutil.rmtree(tmp, ignore_errors=True)
-        return self.get(stage, key)
+        return self.get(stage, key, facts=facts)
 
-    def write(self, stage: str, key: str, build: Callable[[Path], dict], record: dict) -> Artifact:
+    def write(self, stage: str, key: str, build: Callable[[Path], Any], record: dict, *, facts: Any = None) -> Artifact:
         """Run `build(tmp_dir) -> metadata`, then publish the directory under its key atomically.
 
-        The caller holds `lock(stage, key)`. `record` (params, inputs, environment) goes into the manifest.
+        The caller holds `lock(stage, key)`. `record` (params, inputs, environment) goes into the manifest. With
+        `facts` (a Stage.Facts type), metadata that does not fit it is refused (FactsMismatch) and nothing is stored.
         """
         stage_dir = self.root / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +212,7 @@ class ArtifactStore:
         tmp.mkdir()
         started = time.time()
         try:
-            metadata = build(tmp)
+            parsed, metadata = _produced_facts(stage, build(tmp), facts)
             normalise_modes(tmp)
             manifest = {
                 **record,
@@ -219,7 +242,7 @@ class ArtifactStore:
                     "free space or pass --cache-dir on a larger disk (nothing was stored)"
                 ) from exc
             raise
-        return Artifact(stage, key, final, manifest)
+        return Artifact(stage, key, final, manifest, parsed)
 
     def artifacts(self, stage: str | None = None) -> Iterator[Artifact]:
         """Every artifact (of one stage, when given) with a readable manifest (no deep check), for ls and gc."""
@@ -235,13 +258,24 @@ class ArtifactStore:
                     manifest = {}
                 yield Artifact(stage_dir.name, path.name, path, manifest)
 
-    def find(self, stage: str, matches: Callable[[dict], bool]) -> Artifact | None:
-        """An intact local artifact of `stage` whose manifest satisfies `matches` (for reusing parts of one)."""
+    def find(self, stage: str, matches: Callable[[dict], bool], *, facts: Any = None) -> Artifact | None:
+        """An intact local artifact of `stage` whose manifest satisfies `matches`."""
         for candidate in self.artifacts(stage):
             if candidate.manifest and matches(candidate.manifest):
-                if (artifact := self.get(stage, candidate.key)) is not None:
+                if (artifact := self.get(stage, candidate.key, facts=facts)) is not None:
                     return artifact
         return None
+
+    def link_parts(self, stage: str, parts: dict[str, str], out: Path, *, facts: Any = None) -> dict[str, Artifact]:
+        """Hard-link into `out` each part (a subfolder; part name -> part key) that an intact artifact of `stage`
+        already holds under the same part key (its manifest's `parts`); the artifact each linked part came from."""
+        linked = {}
+        for part, part_key in parts.items():
+            earlier = self.find(stage, _holds_part(part, part_key), facts=facts)
+            if earlier is not None:
+                link_tree(earlier.path / part, out / part)
+                linked[part] = earlier
+        return linked
 
     def discard(self, stage: str, key: str, problem: str) -> None:
         """Drop a damaged artifact, saying so once; the next run that needs it rebuilds it."""
@@ -361,3 +395,37 @@ def gc(store: ArtifactStore, *, older_than_s: float | None, max_bytes: int | Non
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(store.root / ".trash", ignore_errors=True)
     return doomed
+
+
+def _read_facts(manifest: dict, facts: Any) -> tuple[Any, str | None]:
+    """A manifest's metadata as `facts` (unchecked when None), or the problem that makes the artifact unusable."""
+    metadata = manifest.get("metadata", {})
+    if facts is None:
+        return metadata, None
+    try:
+        return _adapter(facts).validate_python(metadata), None
+    except ValidationError as exc:
+        return None, f"metadata does not fit its facts ({_first_error(exc)}): outdated or damaged"
+
+
+def _produced_facts(stage: str, produced: Any, facts: Any) -> tuple[Any, Any]:
+    """What a stage returned, validated as `facts`, and its JSON form for the manifest."""
+    if facts is None:
+        return produced, produced
+    adapter = _adapter(facts)
+    try:
+        parsed = adapter.validate_python(produced)
+    except ValidationError as exc:
+        raise FactsMismatch(f"the {stage} stage returned metadata that does not fit its facts: "
+                            f"{_first_error(exc)}") from exc
+    return parsed, adapter.dump_python(parsed, mode="json", fallback=str)
+
+
+@functools.cache
+def _adapter(facts: Any) -> TypeAdapter:
+    return TypeAdapter(facts)
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in error['loc']) or 'metadata'}: {error['msg']}"

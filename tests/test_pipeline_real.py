@@ -56,13 +56,13 @@ def test_adding_an_export_format_links_the_formats_already_exported(run_preset):
     run_preset("fp8", "export.formats=[trtllm]", "export.tp=3")  # another trtllm part in the store
     # [hf,trtllm]: an export no other test makes first (test_formats makes [trtllm,hf] with both formats built)
     more = run_preset("fp8", "export.formats=[hf,trtllm]").outcomes[-1].artifact
-    assert "trtllm" in more.metadata["reused"], "the trtllm checkpoint was exported already"
-    assert more.metadata["parts"]["trtllm"] == first.metadata["parts"]["trtllm"]
+    assert "trtllm" in more.manifest["reused_parts"], "the trtllm checkpoint was exported already"
+    assert more.manifest["parts"]["trtllm"] == first.manifest["parts"]["trtllm"]
     for name in ("rank0.safetensors", "config.json"):
         assert (more / "trtllm" / name).stat().st_ino == (first / "trtllm" / name).stat().st_ino
     assert "any: the checkpoint does not depend on the target GPU" in (more / "hf" / "README.md").read_text()
     resharded = run_preset("fp8", "export.formats=[trtllm]", "export.tp=3").outcomes[-1].artifact
-    assert resharded.metadata["parts"]["trtllm"] != first.metadata["parts"]["trtllm"]
+    assert resharded.manifest["parts"]["trtllm"] != first.manifest["parts"]["trtllm"]
 
 
 def test_verify_reports_real_numbers_and_is_a_cache_hit(run_preset, real_store):

@@ -16,6 +16,9 @@ from pipeline.errors import VerificationFailed
 from pipeline.publish import destination
 from pipeline.recipe import load_recipe
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.calibrate import CalibrationFacts
+from pipeline.stages.export import ExportedFormat, ExportFacts
+from pipeline.stages.load import LoadFacts
 
 
 def _private(path, data: bytes) -> None:
@@ -27,33 +30,39 @@ def _private(path, data: bytes) -> None:
 
 
 class Load(Stage):
-    name, version, fields = "load", "1", ("model.source",)
+    name, version, fields, Facts = "load", "1", ("model.source",), LoadFacts
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> LoadFacts:
         (ctx.out / "model.bin").write_bytes(b"w" * 64)
-        return {"name": "Toy-Model", "weights": "toy-fingerprint", "parameters": 1000, "architecture": "Llama"}
+        return LoadFacts(name="Toy-Model", source="dir", revision=None, weights="toy-fingerprint",
+                         trust_remote_code=False, allow_pickle=False, model_type="llama", architecture="Llama",
+                         attention_window=None, parameters=1000, dtype="F32", hidden_size=None, intermediate_size=None,
+                         num_layers=None, num_heads=None, num_kv_heads=None, vocab_size=None,
+                         max_position_embeddings=None, weights_bytes=64)
 
 
 class Calibrate(Stage):
-    name, version, inputs, fields = "calibrate", "1", ("load",), ("calibration",)
+    name, version, inputs, fields, Facts = "calibrate", "1", ("load",), ("calibration",), CalibrationFacts
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> CalibrationFacts:
         (ctx.out / "state.bin").write_bytes((ctx.input("load") / "model.bin").read_bytes() + repr(ctx.params).encode())
-        return {"format": "fp8", "algorithm": "max", "kv_cache": "none", "block_size": None, "tokens": 256,
-                "decisions": []}
+        return CalibrationFacts(format="fp8", algorithm="max", kv_cache="none", block_size=None, decisions=[],
+                                quantized_layers=1, excluded_layers=0, tokens=256, calibration_seconds=0.0,
+                                state_tensors=1, rescaled_weights=0, state_bytes=64, state_ratio=1.0)
 
 
 class Export(Stage):
-    name, version, inputs, fields = "export", "1", ("calibrate",), ("export",)
+    name, version, inputs, fields, Facts = "export", "1", ("calibrate",), ("export",), ExportFacts
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> ExportFacts:
         state = (ctx.input("calibrate") / "state.bin").read_bytes()
         _private(ctx.out / "hf" / "model.safetensors", state + b"hf")
         (ctx.out / "hf" / "generation_config.json").write_text('{"do_sample": false}')
         _private(ctx.out / "trtllm" / "rank0.safetensors", state + b"trtllm")
         for fmt in ("hf", "trtllm"):
             (ctx.out / fmt / "README.md").write_text("an unverified card")
-        return {"formats": {"hf": {"bytes": 100}, "trtllm": {"bytes": 100}}}
+        part = ExportedFormat(bytes=100, files=["model.safetensors"], quant_algo="FP8")
+        return ExportFacts(formats={"hf": part, "trtllm": part}, fp16_bytes=2000, tp=1, pp=1)
 
 
 class Build(Stage):

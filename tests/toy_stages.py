@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.stages.base import Stage, StageContext
+from pipeline.recipe import Recipe
+from pipeline.stages.base import Facts, Stage, StageContext
 
 
 class ToyStage(Stage):
@@ -44,6 +45,28 @@ class ToyCalibrate(ToyStage):
 
 class ToyExport(ToyStage):
     name, version, inputs, fields = "export", "1", ("calibrate",), ("export",)
+
+
+class ToyFacts(Facts):
+    n: int
+
+
+class TypedToyExport(ToyExport):
+    """ToyExport with typed facts and one part per export format (a folder holding the format's name)."""
+
+    Facts = ToyFacts
+    produce: dict | None = None  # returned instead of the facts, to make a stage whose metadata does not fit
+
+    def parts(self, recipe: Recipe) -> dict:
+        return {fmt: {"format": fmt} for fmt in recipe.export.formats}
+
+    def run(self, ctx: StageContext) -> dict:
+        facts = super().run(ctx)
+        for fmt in ctx.recipe.export.formats:
+            if fmt not in ctx.reused:
+                (ctx.out / fmt).mkdir()
+                (ctx.out / fmt / "weights.bin").write_text(fmt)
+        return self.produce if self.produce is not None else facts
 
 
 def toy_chain(calls_file: Path | None = None, delay: float = 0.0) -> tuple[Stage, ...]:

@@ -1,5 +1,6 @@
 """What a stage is: a name, a version, the upstream stages it reads, the recipe fields and libraries it depends on,
-and one `run` that fills a fresh directory. Heavy imports live inside `run`, so planning stays instant."""
+the type of the facts it records, and one `run` that fills a fresh directory and returns those facts. Heavy imports
+live inside `run`, so planning stays instant."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 from pipeline import codeid, host
 from pipeline.recipe import Recipe
@@ -28,10 +31,19 @@ class StageContext:
     out: Path
     tool_cache: Path  # persists across builds (e.g. TensorRT timing caches): speed only, never an input's identity
     track: Callable[..., Iterable] = field(default=_no_progress)
-    store: ArtifactStore | None = None  # for stages that reuse verified parts of other artifacts of their own kind
+    # Parts (Stage.parts) an intact artifact of this stage already held under the same part key, already linked
+    # into `out` by the runner: part name -> that artifact, whose facts describe the part.
+    reused: dict[str, Artifact] = field(default_factory=dict)
 
     def input(self, stage: str) -> Artifact:
         return self.inputs[stage]
+
+
+class Facts(BaseModel):
+    """Base of a stage's typed facts (the metadata its `run` returns, stored in the manifest). Unknown fields are
+    refused, so a manifest written with another shape reads as damaged or outdated and is rebuilt."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Stage:
@@ -40,6 +52,9 @@ class Stage:
     inputs: ClassVar[tuple[str, ...]] = ()
     fields: ClassVar[tuple[str, ...]] = ()
     libraries: ClassVar[tuple[str, ...]] = ()
+    # What `run` returns, validated when it finishes and whenever its artifact is read (a Facts model, or any type
+    # pydantic validates); a stage without a model of its own records a plain dict.
+    Facts: ClassVar[Any] = dict[str, Any]
 
     def applies(self, recipe: Recipe) -> bool:
         """False when the recipe asks nothing of this stage (e.g. build backend 'none')."""
@@ -53,21 +68,27 @@ class Stage:
         """Host facts this stage's output depends on: library versions, by default."""
         return host.versions(self.libraries)
 
+    def parts(self, recipe: Recipe) -> dict[str, dict[str, Any]]:
+        """Subfolders of the artifact keyed on their own, so the runner can link one an earlier artifact of this
+        stage already made: part name -> the recipe fields that part reads (its key also covers the stage's inputs,
+        code and environment)."""
+        return {}
+
     def preflight(self, recipe: Recipe, model: dict) -> None:
         """Cheap checks before any stage runs: BadInput for inputs that cannot work, HostLacks for a missing GPU
         or library. `model` holds the load artifact's facts when it is already cached ({} otherwise), so
         model-dependent checks run here too. A failure three hours in should have been caught here."""
 
-    def summary(self, metadata: dict) -> str:
-        """One short phrase about an artifact for the run's summary table."""
+    def summary(self, facts: Any) -> str:
+        """One short phrase about an artifact (given its facts) for the run's summary table."""
         return ""
 
-    def failure(self, metadata: dict) -> str | None:
+    def failure(self, facts: Any) -> str | None:
         """A reason to fail the run although the artifact was made (verify's missed thresholds)."""
         return None
 
-    def run(self, ctx: StageContext) -> dict:
-        """Write the artifact's files into ctx.out and return metadata for the manifest."""
+    def run(self, ctx: StageContext) -> Any:
+        """Write the artifact's files into ctx.out and return its facts (an instance of `Facts`) for the manifest."""
         raise NotImplementedError
 
     @classmethod

@@ -3,12 +3,48 @@ architecture and the backend's versions too, because an engine runs only where i
 
 from __future__ import annotations
 
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
 from pipeline import host, targets
 from pipeline.backends import registry
 from pipeline.errors import BadInput, HostLacks
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.base import Facts, Stage, StageContext
+
+
+class TensorRTRTXFacts(Facts):
+    """A TensorRT-RTX engine compiled ahead of time: for which GPUs, with which profile, and the Q/DQ layers the
+    builder saw."""
+
+    backend: Literal["tensorrt-rtx"]
+    engine_bytes: int
+    tensorrt_rtx: str
+    compute_capability: str  # e.g. "SM89,SM120"
+    build_seconds: float
+    profile: dict[str, tuple[int, int, int]]  # min, opt, max of batch, new tokens and past tokens
+    quantize_layers: dict[str, int]
+    checks: list[str]
+    not_checked: str
+
+
+class TrtllmEngineFacts(Facts):
+    backend: Literal["trtllm"]
+    engine_bytes: int
+    command: list[str]
+    engines: int
+    tensorrt_llm: str | None
+
+
+class TrtllmPytorchFacts(Facts):
+    backend: Literal["trtllm-pytorch"]
+    options: dict[str, Any]
+    tensorrt_llm: str | None
+
+
+BuildFacts = Annotated[TensorRTRTXFacts | TrtllmEngineFacts | TrtllmPytorchFacts, Field(discriminator="backend")]
 
 
 class Build(Stage):
@@ -16,6 +52,7 @@ class Build(Stage):
     version = "1"
     inputs = ("load", "calibrate", "export")
     fields = ("build", "target")
+    Facts = BuildFacts
 
     def applies(self, recipe: Recipe) -> bool:
         return recipe.build.backend != "none"
@@ -33,9 +70,9 @@ class Build(Stage):
         if problem:
             raise HostLacks(problem)
 
-    def summary(self, metadata: dict) -> str:
-        size = f", {human_bytes(metadata['engine_bytes'])}" if "engine_bytes" in metadata else ""
-        return f"{metadata['backend']}{size}"
+    def summary(self, facts: BuildFacts) -> str:
+        size = f", {human_bytes(facts.engine_bytes)}" if hasattr(facts, "engine_bytes") else ""
+        return f"{facts.backend}{size}"
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> BuildFacts:
         return registry()[ctx.recipe.build.backend].build(ctx, ctx.tool_cache)

@@ -15,7 +15,7 @@ from pipeline import data
 from pipeline.errors import BadInput
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.base import Facts, Stage, StageContext
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,31 @@ def check_seq_len(seq_len: int, model: dict) -> None:
         raise BadInput(f"calibration.seq_len {seq_len} exceeds the model's {limit} positions; lower it")
 
 
+class CalibrationFacts(Facts):
+    """What was calibrated for which format, the decisions that made the format fit, and how big the state is."""
+
+    format: str
+    algorithm: str
+    kv_cache: str
+    block_size: int | None
+    decisions: list[str]
+    quantized_layers: int
+    excluded_layers: int
+    tokens: int
+    calibration_seconds: float
+    state_tensors: int
+    rescaled_weights: int
+    state_bytes: int
+    state_ratio: float  # of the loaded model's weights
+
+
 class Calibrate(Stage):
     name = "calibrate"
     version = "1"
     inputs = ("load",)
     fields = ("quantization", "calibration")
     libraries = ("torch", "transformers", "nvidia-modelopt")
+    Facts = CalibrationFacts
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.calibration.dataset, store)}
@@ -59,11 +78,11 @@ class Calibrate(Stage):
             data.load_documents(calib.dataset)  # empty or unreadable files fail here, before any work
         check_seq_len(calib.seq_len, model)
 
-    def summary(self, metadata: dict) -> str:
-        return (f"{metadata['algorithm']} on {metadata['tokens']} tokens; state {human_bytes(metadata['state_bytes'])}"
-                f" ({metadata['state_ratio']:.2%} of the model)")
+    def summary(self, facts: CalibrationFacts) -> str:
+        return (f"{facts.algorithm} on {facts.tokens} tokens; state {human_bytes(facts.state_bytes)}"
+                f" ({facts.state_ratio:.2%} of the model)")
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> CalibrationFacts:
         import torch
 
         from pipeline.modeling import load_model
@@ -106,11 +125,10 @@ class Calibrate(Stage):
         (ctx.out / "plan.json").write_text(json.dumps(
             {"config": plan.config, "decisions": plan.decisions, "quantized_layers": plan.quantized_layers,
              "excluded_layers": plan.excluded_layers}, indent=2, default=str))
-        model_bytes = loaded.metadata["weights_bytes"]
-        return {"format": spec.format, "algorithm": spec.algorithm, "kv_cache": spec.kv_cache,
-                "block_size": plan.block_size, "decisions": plan.decisions,
-                "quantized_layers": len(plan.quantized_layers), "excluded_layers": len(plan.excluded_layers),
-                "tokens": int(windows.numel()), "calibration_seconds": round(seconds, 2),
-                "state_tensors": saved["tensors"], "rescaled_weights": saved["rescaled_weights"],
-                "state_bytes": saved["bytes"],
-                "state_ratio": saved["bytes"] / model_bytes}
+        return CalibrationFacts(
+            format=spec.format, algorithm=spec.algorithm, kv_cache=spec.kv_cache, block_size=plan.block_size,
+            decisions=plan.decisions, quantized_layers=len(plan.quantized_layers),
+            excluded_layers=len(plan.excluded_layers), tokens=int(windows.numel()),
+            calibration_seconds=round(seconds, 2), state_tensors=saved["tensors"],
+            rescaled_weights=saved["rescaled_weights"], state_bytes=saved["bytes"],
+            state_ratio=saved["bytes"] / loaded.facts.weights_bytes)

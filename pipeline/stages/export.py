@@ -1,22 +1,23 @@
 """export: the deployable checkpoints. `hf` is the unified Hugging Face checkpoint from quantize; `trtllm` is the
 TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) sharded for tp x pp; `onnx` the Q/DQ decoder. Each gets
 the tokenizer, the generation config and a model card. Keyed on the quantized artifacts and export fields only:
-never recalibrates. Each format also has its own part key (its inputs and only the fields it reads), so adding a
-format to a recipe links the formats already exported elsewhere in the store instead of exporting them again."""
+never recalibrates. Each format is also a part with its own key (its inputs and only the fields it reads), so adding
+a format to a recipe links the formats already exported elsewhere in the store (the runner does) instead of
+exporting them again."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from pipeline import architectures, card, host
 from pipeline.errors import BadInput, HostLacks, UnsupportedOnTarget
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.base import Facts, Stage, StageContext
 from pipeline.stages.quantize import CHECKPOINT
 from pipeline.files import link_tree
 
@@ -32,12 +33,34 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
+class ExportedFormat(Facts):
+    """One format's folder: its weight bytes, its files, the quant_algo its config names, and for onnx what the
+    exporter found quantized, whether the weights are external data, and the Q/DQ nodes by kind."""
+
+    bytes: int
+    files: list[str]
+    quant_algo: str | None
+    quantized: list[str] | None = None
+    external_data: bool | None = None
+    ops: dict[str, int] | None = None
+
+
+class ExportFacts(Facts):
+    formats: dict[str, ExportedFormat]
+    fp16_bytes: int
+    tp: int
+    pp: int
+
+
 class Export(Stage):
     name = "export"
-    version = "3"  # 2: ONNX Runtime GenAI layout and genai_config.json; 3: cards say what loads each export
+    # 2: ONNX Runtime GenAI layout and genai_config.json; 3: cards say what loads each export; 4: part keys and
+    # reused parts are the runner's (manifest fields), no longer in the metadata
+    version = "4"
     inputs = ("load", "calibrate", "quantize")
     fields = ("export",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnx-graphsurgeon")
+    Facts = ExportFacts
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
         if recipe.export.pp > 1 and "trtllm" not in recipe.export.formats:
@@ -51,22 +74,26 @@ class Export(Stage):
         if "onnx" in recipe.export.formats and missing:
             raise HostLacks(f"export format onnx needs {', '.join(missing)}: pip install 'quantpipe[rtx]'")
 
-    def summary(self, metadata: dict) -> str:
-        return "; ".join(f"{f} {human_bytes(m['bytes'])} ({m['bytes'] / metadata['fp16_bytes']:.2f}x of fp16)"
-                         for f, m in metadata["formats"].items())
+    def summary(self, facts: ExportFacts) -> str:
+        return "; ".join(f"{f} {human_bytes(part.bytes)} ({part.bytes / facts.fp16_bytes:.2f}x of fp16)"
+                         for f, part in facts.formats.items())
 
-    def run(self, ctx: StageContext) -> dict:
+    def parts(self, recipe: Recipe) -> dict[str, dict[str, Any]]:
+        """One part per format, reading only its own export fields (the quantize input already covers export.dtype
+        for hf)."""
+        spec = recipe.export
+        fields = {"trtllm": {"tp": spec.tp, "pp": spec.pp, "dtype": spec.dtype}}
+        return {fmt: {"format": fmt, **fields.get(fmt, {})} for fmt in spec.formats}
+
+    def run(self, ctx: StageContext) -> ExportFacts:
         loaded, calibrated, quantized = ctx.input("load"), ctx.input("calibrate"), ctx.input("quantize")
         spec = ctx.recipe.export
         _check_parallelism(loaded.metadata, spec.tp, spec.pp)
-        parts = {fmt: self.part_key(ctx, fmt) for fmt in spec.formats}
-        written, reused = {}, []
+        written = {}
         for fmt in spec.formats:
             target = ctx.out / fmt
-            if (earlier := self._exported_part(ctx, fmt, parts[fmt])) is not None:
-                link_tree(earlier.path / fmt, target, skip=("README.md",))
-                written[fmt] = earlier.metadata["formats"][fmt]
-                reused.append(fmt)
+            if (earlier := ctx.reused.get(fmt)) is not None:  # already linked in by the runner
+                written[fmt] = earlier.facts.formats[fmt]
                 continue
             details = {}
             if fmt == "hf":
@@ -78,33 +105,16 @@ class Export(Stage):
             for name in TOKENIZER_FILES:
                 if (loaded / "model" / name).is_file() and not (target / name).exists():
                     shutil.copy2(loaded / "model" / name, target / name)
-            written[fmt] = {"bytes": _weights_bytes(target), "files": sorted(p.name for p in target.iterdir()),
-                            "quant_algo": _quant_algo(target), **details}
+            written[fmt] = ExportedFormat(bytes=_weights_bytes(target), files=sorted(p.name for p in target.iterdir()),
+                                          quant_algo=_quant_algo(target), **details)
         # The target GPU is not part of this artifact's key, so its cards leave it out (publish adds it).
         facts = {**card.facts(ctx.recipe, {"load": loaded, "calibrate": calibrated}), "target": None}
-        for fmt, info in written.items():
+        for fmt, part in written.items():
             readme = ctx.out / fmt / "README.md"
             readme.unlink(missing_ok=True)  # never write through a hard link into another artifact
-            readme.write_text(card.render({**facts, **card.sharding(ctx.recipe, fmt), "bytes": info["bytes"],
+            readme.write_text(card.render({**facts, **card.sharding(ctx.recipe, fmt), "bytes": part.bytes,
                                            "artifact": f"{fmt} checkpoint"}))
-        return {"formats": written, "fp16_bytes": loaded.metadata["parameters"] * 2, "tp": spec.tp, "pp": spec.pp,
-                "parts": parts, "reused": reused}
-
-    def part_key(self, ctx: StageContext, fmt: str) -> str:
-        """What one format's output depends on: the inputs, this stage's code and libraries, and the export fields
-        that format reads (the quantize input already covers export.dtype for hf)."""
-        spec = ctx.recipe.export
-        fields = {"trtllm": {"tp": spec.tp, "pp": spec.pp, "dtype": spec.dtype}}.get(fmt, {})
-        payload = {"format": fmt, "fields": fields, "inputs": {k: a.key for k, a in sorted(ctx.inputs.items())},
-                   "version": self.version, "code": self.code_hash(), "environment": self.environment(ctx.recipe)}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-    @staticmethod
-    def _exported_part(ctx: StageContext, fmt: str, part: str):
-        """An intact export artifact in the store that already holds this exact format output."""
-        if ctx.store is None:
-            return None
-        return ctx.store.find("export", lambda m: m.get("metadata", {}).get("parts", {}).get(fmt) == part)
+        return ExportFacts(formats=written, fp16_bytes=loaded.facts.parameters * 2, tp=spec.tp, pp=spec.pp)
 
 
 def _check_trtllm_exporter() -> None:

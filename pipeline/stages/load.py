@@ -17,7 +17,7 @@ from pipeline import architectures
 from pipeline.errors import BadInput
 from pipeline.modeling import quiet_libraries
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.base import Facts, Stage, StageContext
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,36 @@ def _matching(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
     return sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
 
 
+class LoadFacts(Facts):
+    """The loaded model: where it came from, the security choices it was loaded under, and its architecture."""
+
+    name: str
+    source: str  # how it was read: "gguf" or "dir" (a hub model is read from its downloaded directory)
+    revision: str | None  # the hub commit it resolved to
+    weights: str  # the fingerprint the load key covers
+    trust_remote_code: bool
+    allow_pickle: bool
+    model_type: str | None
+    architecture: str
+    attention_window: int | None
+    parameters: int
+    dtype: str
+    hidden_size: int | None
+    intermediate_size: int | None
+    num_layers: int | None
+    num_heads: int | None
+    num_kv_heads: int | None
+    vocab_size: int | None
+    max_position_embeddings: int | None
+    weights_bytes: int
+
+
 class Load(Stage):
     name = "load"
     version = "2"
     fields = ("model",)
     libraries = ("transformers", "torch", "gguf", "safetensors")
+    Facts = LoadFacts
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         source = resolve_source(recipe)
@@ -103,7 +128,7 @@ class Load(Stage):
         if facts:
             architectures.check(recipe, facts)
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> LoadFacts:
         spec = ctx.recipe.model
         source = resolve_source(ctx.recipe)
         out = ctx.out / "model"
@@ -119,12 +144,12 @@ class Load(Stage):
             self._import_gguf(Path(source.location), source.gguf_file, out, spec.dtype)
         else:
             self._import_dir(Path(source.location), out, ctx.recipe)
-        return {**describe_model(out), "name": source.name, "source": source.kind, "revision": revision,
-                "weights": ctx.params["weights"], "trust_remote_code": spec.trust_remote_code,
-                "allow_pickle": spec.allow_pickle}
+        return LoadFacts(**describe_model(out), name=source.name, source=source.kind, revision=revision,
+                         weights=ctx.params["weights"], trust_remote_code=spec.trust_remote_code,
+                         allow_pickle=spec.allow_pickle)
 
-    def summary(self, metadata: dict) -> str:
-        return f"{metadata['name']}: {metadata['parameters'] / 1e6:.1f}M params, {metadata['dtype']}"
+    def summary(self, facts: LoadFacts) -> str:
+        return f"{facts.name}: {facts.parameters / 1e6:.1f}M params, {facts.dtype}"
 
     @staticmethod
     def _download(source: ModelSource, revision: str | None) -> tuple[Path, str]:

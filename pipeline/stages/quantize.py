@@ -6,10 +6,20 @@ from __future__ import annotations
 import json
 
 from pipeline.fmt import human_bytes
-from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.base import Facts, Stage, StageContext
 
 CHECKPOINT = "checkpoint"
 LAYERS = "layers.json"
+
+
+class QuantizeFacts(Facts):
+    """The low-precision checkpoint's size and its worst per-layer weight error (layers.json has every layer)."""
+
+    quantized_layers: int
+    checkpoint_bytes: int
+    fp16_bytes: int
+    size_ratio_fp16: float
+    worst_layer_error: float
 
 
 class Quantize(Stage):
@@ -18,12 +28,13 @@ class Quantize(Stage):
     inputs = ("load", "calibrate")
     fields = ("export.dtype",)
     libraries = ("torch", "transformers", "nvidia-modelopt")
+    Facts = QuantizeFacts
 
-    def summary(self, metadata: dict) -> str:
-        return (f"{metadata['quantized_layers']} layers, weights {human_bytes(metadata['checkpoint_bytes'])} "
-                f"({metadata['size_ratio_fp16']:.2f}x of fp16); worst layer error {metadata['worst_layer_error']:.3f}")
+    def summary(self, facts: QuantizeFacts) -> str:
+        return (f"{facts.quantized_layers} layers, weights {human_bytes(facts.checkpoint_bytes)} "
+                f"({facts.size_ratio_fp16:.2f}x of fp16); worst layer error {facts.worst_layer_error:.3f}")
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> QuantizeFacts:
         import torch
 
         from pipeline.modeling import load_model
@@ -36,7 +47,7 @@ class Quantize(Stage):
         (ctx.out / LAYERS).write_text(json.dumps(errors, indent=2))
         export_unified(model, getattr(torch, ctx.recipe.export.dtype), ctx.out / CHECKPOINT)
         weights = sum(p.stat().st_size for p in (ctx.out / CHECKPOINT).glob("*.safetensors"))
-        fp16_bytes = loaded.metadata["parameters"] * 2
-        return {"quantized_layers": len(errors), "checkpoint_bytes": weights, "fp16_bytes": fp16_bytes,
-                "size_ratio_fp16": weights / fp16_bytes,
-                "worst_layer_error": max((e["relative_error"] for e in errors), default=0.0)}
+        fp16_bytes = loaded.facts.parameters * 2
+        return QuantizeFacts(quantized_layers=len(errors), checkpoint_bytes=weights, fp16_bytes=fp16_bytes,
+                             size_ratio_fp16=weights / fp16_bytes,
+                             worst_layer_error=max((e["relative_error"] for e in errors), default=0.0))
