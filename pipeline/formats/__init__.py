@@ -8,11 +8,14 @@ from pipeline.formats.fp8 import FP8
 from pipeline.formats.int4_awq import INT4_AWQ
 from pipeline.formats.int8_sq import INT8_SQ
 from pipeline.formats.kv_cache import KV_CACHES
+from pipeline.formats.mxfp8 import MXFP8
 from pipeline.formats.nvfp4 import NVFP4
 from pipeline.formats.nvfp4_awq import NVFP4_AWQ
+from pipeline.formats.nvfp4_w4a16 import NVFP4_W4A16
 from pipeline.formats.w4a8_awq import W4A8_AWQ
 
-FORMATS: dict[str, QuantFormat] = {f.name: f for f in (FP8, INT8_SQ, INT4_AWQ, W4A8_AWQ, NVFP4, NVFP4_AWQ)}
+FORMATS: dict[str, QuantFormat] = {f.name: f for f in (FP8, INT8_SQ, INT4_AWQ, W4A8_AWQ, NVFP4, NVFP4_AWQ, MXFP8,
+                                                       NVFP4_W4A16)}
 
 __all__ = ["FORMATS", "KV_CACHES", "QuantFormat", "by_quant_algo", "cpu_quantizers", "get"]
 
