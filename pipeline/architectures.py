@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.errors import UnsupportedOnTarget
 from pipeline.backends import registry
+from pipeline.errors import UnsupportedOnTarget
 from pipeline.formats import FORMATS
 from pipeline.recipe import Recipe
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from pipeline import formats
 from pipeline.formats.base import WeightCodec
 
+
 @dataclass(frozen=True)
 class Layout:
     """Tensor naming of one checkpoint format: suffixes of the weight's companions."""

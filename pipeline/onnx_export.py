@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import collections
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -303,7 +303,7 @@ def _half_unquantized(graph, min_elements: int = 1 << 16):
         node.inputs[position] = gs.Constant(f"{weight.name}_fp16", weight.values.astype(np.float16))
         if node.op == "MatMul":
             activation = node.inputs[0]
-            half = gs.Variable(f"{activation.name}_fp16", dtype=np.float16)
+            half = gs.Variable(f"{activation.name}_as_fp16", dtype=np.float16)  # unique beside an output_fp16
             g.nodes.append(gs.Node("Cast", inputs=[activation], outputs=[half],
                                    attrs={"to": onnx.TensorProto.FLOAT16}))
             node.inputs[0] = half

@@ -8,8 +8,15 @@ from safetensors.torch import save_file
 from pipeline import formats
 from pipeline.dequant import effective_weights
 from pipeline.errors import BadInput
-from pipeline.quant import (export_unified, library_prints, modelopt, plan_quantization, restore_calibration,
-                            save_calibration, weight_digests)
+from pipeline.quant import (
+    export_unified,
+    library_prints,
+    modelopt,
+    plan_quantization,
+    restore_calibration,
+    save_calibration,
+    weight_digests,
+)
 from pipeline.recipe import QuantizationSpec
 
 

@@ -8,7 +8,6 @@ import functools
 from pipeline import backends
 from pipeline.backends import Builder
 
-
 _ADDED: dict[str, Builder] = {}
 
 

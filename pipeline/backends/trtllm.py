@@ -18,6 +18,7 @@ from pipeline import formats, host, serving
 from pipeline.backends import Builder, registry
 from pipeline.errors import HostLacks
 
+
 def interpreter() -> str:
     return os.environ.get("QUANTPIPE_TRTLLM_PYTHON") or sys.executable
 
