@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.backends import registry
 from pipeline.errors import UnsupportedOnTarget
-from pipeline.recipe import DEFAULT_ALGORITHM, Recipe
-from pipeline.targets import BACKEND_EXPORTS
+from pipeline.formats import FORMATS
+from pipeline.recipe import Recipe
 
 TRTLLM_EXPORTER = "ModelOpt's TensorRT-LLM checkpoint exporter"
 FUSED_EXPERTS = (f"{TRTLLM_EXPORTER} needs each layer's experts as separate modules, and transformers 5 fuses them "
@@ -68,7 +69,7 @@ FAMILIES: tuple[Family, ...] = (
 BY_MODEL_TYPE: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 # GGUF files name their architecture differently (general.architecture).
 GGUF_MODEL_TYPES: dict[str, str] = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
-MODELOPT_FORMATS = tuple(DEFAULT_ALGORITHM)  # every quantization.format
+MODELOPT_FORMATS = tuple(FORMATS)  # every quantization.format
 
 
 def family(model_type: str | None) -> Family | None:
@@ -110,10 +111,10 @@ def check(recipe: Recipe, facts: dict) -> None:
     for export in recipe.export.formats:
         if export not in reasons:
             continue
-        builds = [b for b, source in BACKEND_EXPORTS.items() if source == export and b == recipe.build.backend]
+        builds = [n for n, b in registry().items() if b.export == export and n == recipe.build.backend]
         via = f" (build.backend {builds[0]} builds from it)" if builds else ""
         others = [f for f in ("hf", "trtllm", "onnx") if f not in reasons]
-        backends = ["none", *(b for b, source in BACKEND_EXPORTS.items() if source in others)]
+        backends = ["none", *(n for n, b in registry().items() if b.export in others)]
         raise UnsupportedOnTarget(
             f"{name} cannot be exported as {export}{via}: {reasons[export]}; keep export.formats to "
             f"{' and '.join(others)}, and build.backend to {' or '.join(backends)}"

@@ -18,32 +18,11 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-TRTLLM, VLLM, SGLANG = "TensorRT-LLM", "vLLM", "SGLang"
+from pipeline import formats
+from pipeline.formats.base import SGLANG, TRTLLM, VLLM, Contract
 
-
-@dataclass(frozen=True)
-class Contract:
-    tensors: tuple[str, ...]  # what every quantized linear carries beside its weight
-    identical: tuple[str, ...]  # scales a fused q/k/v or gate/up layer must share
-    engines: tuple[str, ...]  # the engines whose ModelOpt loader reads this quant_algo
-    pre_quant: bool = False  # AWQ / SmoothQuant: pre_quant_scale wherever no norm could absorb it
-
-
-# hf_quant_config.json quant_algo -> its contract.
-CONTRACTS: dict[str, Contract] = {
-    # FP8 weight scales may differ across q/k/v: the loaders requantize the fused weight to their maximum.
-    "FP8": Contract(("weight_scale", "input_scale"), ("input_scale",), (TRTLLM, VLLM, SGLANG)),
-    "W8A8_SQ_PER_CHANNEL": Contract(("weight_scale", "input_scale"), ("input_scale", "pre_quant_scale"), (TRTLLM,),
-                                    pre_quant=True),
-    "W4A16_AWQ": Contract(("weight_scale",), ("pre_quant_scale",), (TRTLLM,), pre_quant=True),
-    "W4A8_AWQ": Contract(("weight_scale", "weight_scale_2", "input_scale"),
-                         ("input_scale", "weight_scale_2", "pre_quant_scale"), (TRTLLM,), pre_quant=True),
-    "NVFP4": Contract(("weight_scale", "weight_scale_2", "input_scale"), ("input_scale", "weight_scale_2"),
-                      (TRTLLM, VLLM, SGLANG)),
-}
 # kv_cache_quant_algo -> the engines that load a KV cache of it; each attention layer then carries both scales.
 KV_CACHE_ENGINES: dict[str, tuple[str, ...]] = {"FP8": (TRTLLM, VLLM, SGLANG), "NVFP4": (TRTLLM,)}
 KV_SCALES = ("k_proj.k_scale", "v_proj.v_scale")
@@ -66,10 +45,11 @@ def check(folder: Path) -> list[str]:
 
     quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
     algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
-    contract = CONTRACTS.get(algo)
-    if contract is None:
-        return [(f"hf_quant_config.json: quant_algo {algo!r} has no ModelOpt loader contract here "
-                 f"(known: {', '.join(CONTRACTS)})")]
+    fmt = formats.by_quant_algo(algo)
+    if fmt is None:
+        known = ", ".join(dict.fromkeys(f.quant_algo for f in formats.FORMATS.values()))
+        return [f"hf_quant_config.json: quant_algo {algo!r} has no ModelOpt loader contract here (known: {known})"]
+    contract = fmt.contract
     refuse = f"{', '.join(contract.engines)} would refuse it"
     problems = _config_problems(folder, quant, refuse)
     tensors, weights = {}, {}

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+from pipeline import formats
+from pipeline.formats.base import WeightCodec
 
 
 @dataclass(frozen=True)
@@ -30,17 +31,6 @@ HF = Layout("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
 TRTLLM = Layout("weights_scaling_factor", "weights_scaling_factor_2", "activation_scaling_factor",
                 "prequant_scaling_factor")
 
-# What each quant_algo's quantized weight must look like: (weight dtypes, required companions). Packed int4 is
-# uint8 in the HF layout and int8 in TensorRT-LLM's.
-EXPECTED: dict[str, tuple[tuple[torch.dtype, ...], tuple[str, ...]]] = {
-    "FP8": ((torch.float8_e4m3fn,), ("weight_scale", "input_scale")),
-    "W8A8_SQ_PER_CHANNEL": ((torch.int8,), ("weight_scale", "input_scale")),
-    "W4A16_AWQ": ((torch.uint8, torch.int8), ("weight_scale",)),
-    "W4A8_AWQ": ((torch.uint8, torch.int8), ("weight_scale", "weight_scale_2", "input_scale")),
-    "NVFP4": ((torch.uint8,), ("weight_scale", "weight_scale_2", "input_scale")),
-}
-
-
 def read_config(folder: Path) -> dict:
     """quant_algo, kv cache algo, group size and layout of an exported checkpoint."""
     config = json.loads((folder / "config.json").read_text())
@@ -52,31 +42,6 @@ def read_config(folder: Path) -> dict:
     return {"layout": "trtllm", "quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
             "group_size": q.get("group_size"), "exclude_modules": q.get("exclude_modules", []), "config": config,
             "mapping": config.get("mapping", {})}
-
-
-def dequantize_weight(algo: str, weight: torch.Tensor, scale: torch.Tensor, scale_2: torch.Tensor | None,
-                      in_features: int) -> torch.Tensor:
-    """One quantized weight back to float32 [out, in]."""
-    if algo == "FP8":
-        return weight.float() * scale.float()
-    if algo == "W8A8_SQ_PER_CHANNEL":
-        return weight.float() * scale.float().reshape(-1, 1)
-    if algo in ("W4A16_AWQ", "W4A8_AWQ"):
-        # Two signed 4-bit values per byte, packed along the output dimension (low nibble first).
-        packed = weight.view(torch.uint8)
-        low = (packed & 0x0F).to(torch.int8)
-        high = (packed >> 4).to(torch.int8)
-        values = torch.stack([low, high], dim=1).reshape(-1, in_features).float()
-        values = torch.where(values > 7, values - 16, values)  # two's complement nibbles
-        return values * scale.float().repeat_interleave(in_features // scale.shape[-1], dim=-1)
-    if algo == "NVFP4":
-        # Two E2M1 values per byte along the input dimension; an FP8 scale per 16 values and a global fp32 scale.
-        lut = torch.tensor(E2M1_VALUES)
-        values = torch.stack([lut[(weight & 0x0F).long()], lut[(weight >> 4).long()]], dim=-1)
-        values = values.reshape(weight.shape[0], in_features)
-        block = in_features // scale.shape[-1]
-        return values * (scale.float() * scale_2.float()).repeat_interleave(block, dim=-1)
-    raise ValueError(f"no dequantizer for quant_algo {algo}")
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -97,8 +62,10 @@ def effective_weights(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple
     else:
         layout = HF
     algo = info["quant_algo"]
-    expected_dtypes, companions = EXPECTED.get(algo, ((), ()))
-    problems: list[str] = [] if algo in EXPECTED else [f"unknown quant_algo {algo!r}"]
+    fmt = formats.by_quant_algo(algo)
+    codec = fmt.weights if fmt else WeightCodec((), (), None)
+    expected_dtypes = tuple(getattr(torch, name) for name in codec.dtypes)
+    problems: list[str] = [] if fmt else [f"unknown quant_algo {algo!r}"]
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         module = name.rsplit(".", 1)[0]
@@ -106,12 +73,12 @@ def effective_weights(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple
             if tensor.dtype not in expected_dtypes:
                 problems.append(f"{name}: dtype {tensor.dtype}, {algo} expects {expected_dtypes[0]}")
                 continue
-            missing = [c for c in companions if f"{module}.{getattr(layout, c)}" not in tensors]
+            missing = [c for c in codec.companions if f"{module}.{getattr(layout, c)}" not in tensors]
             if missing:
                 problems.append(f"{module}: missing {', '.join(getattr(layout, c) for c in missing)}")
                 continue
-            weight = dequantize_weight(algo, tensor, tensors[f"{module}.{layout.weight_scale}"],
-                                       tensors.get(f"{module}.{layout.weight_scale_2}"), shapes[module][1])
+            weight = codec.dequantize(tensor, tensors[f"{module}.{layout.weight_scale}"],
+                                      tensors.get(f"{module}.{layout.weight_scale_2}"), shapes[module][1])
             if tuple(weight.shape) != tuple(shapes[module]):
                 problems.append(f"{name}: dequantizes to {tuple(weight.shape)}, model has {tuple(shapes[module])}")
                 continue

@@ -1,6 +1,6 @@
 """NVFP4 on CPU: the fake quantizer ModelOpt runs through `register_quant_backend` (its built-in dynamic block path
 needs CUDA), built on ModelOpt's own NVFP4QTensor math, and the autograd functions that emit ModelOpt's FP4 ONNX ops
-while tracing. quant registers the backend; onnx_export traces through it."""
+while tracing. formats/nvfp4.py declares the backend, quant registers it; onnx_export traces through it."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def _first(*values):
 
 def providers_for(gpus: tuple[str, ...]) -> list[dict]:
     """The execution providers a package for these target GPUs names: TensorRT-RTX where all of them run it."""
-    rtx = all(int(gpu.removeprefix("sm_")) in targets.BUILD_BACKENDS["tensorrt-rtx"] for gpu in gpus)
+    rtx = all(int(gpu.removeprefix("sm_")) in targets.backend_archs()["tensorrt-rtx"] for gpu in gpus)
     return [{RTX_PROVIDER: {}}] if rtx else []
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,19 +80,16 @@ def _example(config):
 
 
 def quantized_formats(model) -> list[str]:
+    """The Q/DQ kinds (EMITTERS) the fake-quantized model holds, in the order they are emitted."""
     from modelopt.torch._deploy.utils import torch_onnx
 
-    checks = {"int4": torch_onnx.is_int4_quantized, "fp8": torch_onnx.is_fp8_quantized,
-              "int8": torch_onnx.is_int8_quantized, "nvfp4": torch_onnx.is_fp4_quantized}
-    return [name for name, check in checks.items() if check(model)]
+    return [kind for kind, emitter in EMITTERS.items() if getattr(torch_onnx, emitter.detect)(model)]
 
 
 def export(model, path: Path) -> dict:
     """Trace `model` to `path` (plus path.data when large) and post-process its Q/DQ; returns a summary."""
     import onnx
-    from modelopt.onnx.export import FP8QuantExporter, INT4QuantExporter, NVFP4QuantExporter
     from modelopt.onnx.quantization.qdq_utils import replace_zero_scale_with_smallest_nonzero
-    from modelopt.onnx.utils import topologically_sort_graph_nodes
     from modelopt.torch.quantization.export_onnx import configure_linear_module_onnx_quantizers
 
     raw = path.with_suffix(".raw.onnx")
@@ -104,25 +102,8 @@ def export(model, path: Path) -> dict:
                           do_constant_folding=True, dynamo=False)
     formats = quantized_formats(model)
     graph = onnx.load(str(raw), load_external_data=True)
-    if "int4" in formats:
-        from modelopt.onnx.utils import infer_shapes
-
-        # The exporter's last stage expects an fp16 graph (a Cast after each pre-quant scale): run the first three.
-        graph = INT4QuantExporter.compress_weights(INT4QuantExporter.compute_scales(
-            INT4QuantExporter.pre_process(infer_shapes(graph))))
-        for opset in graph.opset_import:  # block-wise DequantizeLinear (INT4 input, block_size) is opset 21
-            if opset.domain in ("", "ai.onnx"):
-                opset.version = max(opset.version, 21)
-    if "fp8" in formats:
-        graph = FP8QuantExporter.process_model(graph)
-        _fp8_weights_as_torch(graph, model)
-    if "nvfp4" in formats:
-        graph = NVFP4QuantExporter.process_model(graph)  # FP4 weights + FP8 block scales, opset 23
-        _float_after_half_matmuls(graph)
-        _static_fp4_blocks(graph, model)
-        topologically_sort_graph_nodes(graph.graph)  # both append nodes at the end
-    if "int8" in formats:
-        graph = _int8_weights(graph)  # ModelOpt 0.47's INT8 exporter leaves fp32 weights behind a Q/DQ pair
+    for kind in formats:
+        graph = EMITTERS[kind].process(graph, model)
     for node in graph.graph.node:  # the FP8 exporter renames TRT ops but keeps their custom domain
         if node.domain == "trt" and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             node.domain = ""
@@ -132,7 +113,8 @@ def export(model, path: Path) -> dict:
     graph.graph.value_info.extend(kept)
     graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
     graph = _half_unquantized(graph)
-    graph.ir_version = 11 if "nvfp4" in formats else min(graph.ir_version, 10)  # FLOAT4E2M1 needs IR 11
+    needed = [EMITTERS[kind].ir_version for kind in formats if EMITTERS[kind].ir_version]
+    graph.ir_version = max(needed) if needed else min(graph.ir_version, 10)
     external = graph.ByteSize() > PROTOBUF_LIMIT
     onnx.save_model(graph, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=1024)
@@ -140,6 +122,61 @@ def export(model, path: Path) -> dict:
     for leftover in path.parent.glob(f"{raw.name}*"):
         leftover.unlink()
     return {"quantized": formats, "external_data": external, "ops": qdq_histogram(path)}
+
+
+def _emit_int4(graph, model):
+    from modelopt.onnx.export import INT4QuantExporter
+    from modelopt.onnx.utils import infer_shapes
+
+    # The exporter's last stage expects an fp16 graph (a Cast after each pre-quant scale): run the first three.
+    graph = INT4QuantExporter.compress_weights(INT4QuantExporter.compute_scales(
+        INT4QuantExporter.pre_process(infer_shapes(graph))))
+    for opset in graph.opset_import:  # block-wise DequantizeLinear (INT4 input, block_size) is opset 21
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 21)
+    return graph
+
+
+def _emit_fp8(graph, model):
+    from modelopt.onnx.export import FP8QuantExporter
+
+    graph = FP8QuantExporter.process_model(graph)
+    _fp8_weights_as_torch(graph, model)
+    return graph
+
+
+def _emit_nvfp4(graph, model):
+    from modelopt.onnx.export import NVFP4QuantExporter
+    from modelopt.onnx.utils import topologically_sort_graph_nodes
+
+    graph = NVFP4QuantExporter.process_model(graph)  # FP4 weights + FP8 block scales, opset 23
+    _float_after_half_matmuls(graph)
+    _static_fp4_blocks(graph, model)
+    topologically_sort_graph_nodes(graph.graph)  # both append nodes at the end
+    return graph
+
+
+def _emit_int8(graph, model):
+    return _int8_weights(graph)  # ModelOpt 0.47's INT8 exporter leaves fp32 weights behind a Q/DQ pair
+
+
+@dataclass(frozen=True)
+class Emitter:
+    """How one Q/DQ kind becomes standard ONNX: ModelOpt's check that finds it in a model, the post-processing of
+    the traced graph, and the ONNX IR version its tensor types need."""
+
+    detect: str  # a function of modelopt.torch._deploy.utils.torch_onnx
+    process: Callable  # (graph, model) -> graph
+    ir_version: int | None = None
+
+
+# Q/DQ kind -> its emitter, in the order they are applied. A format names its kind (QuantFormat.onnx).
+EMITTERS: dict[str, Emitter] = {
+    "int4": Emitter("is_int4_quantized", _emit_int4),
+    "fp8": Emitter("is_fp8_quantized", _emit_fp8),
+    "nvfp4": Emitter("is_fp4_quantized", _emit_nvfp4, ir_version=11),  # FLOAT4E2M1 needs IR 11
+    "int8": Emitter("is_int8_quantized", _emit_int8),
+}
 
 
 def _fp8_weights_as_torch(graph, model) -> None:
@@ -266,7 +303,7 @@ def _half_unquantized(graph, min_elements: int = 1 << 16):
         node.inputs[position] = gs.Constant(f"{weight.name}_fp16", weight.values.astype(np.float16))
         if node.op == "MatMul":
             activation = node.inputs[0]
-            half = gs.Variable(f"{activation.name}_fp16", dtype=np.float16)
+            half = gs.Variable(f"{activation.name}_as_fp16", dtype=np.float16)  # unique beside an output_fp16
             g.nodes.append(gs.Node("Cast", inputs=[activation], outputs=[half],
                                    attrs={"to": onnx.TensorProto.FLOAT16}))
             node.inputs[0] = half

@@ -1,6 +1,6 @@
 """ModelOpt glue: a recipe's quantization section as a ModelOpt config, with per-model decisions recorded.
 
-Formats map to ModelOpt's own configs through a table (not if/else), so adding a format is one line.
+Each format names its ModelOpt config in the format registry (pipeline/formats/), not here.
 """
 
 from __future__ import annotations
@@ -17,24 +17,12 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from pipeline import formats
 from pipeline.architectures import family
 from pipeline.errors import BadInput
 from pipeline.recipe import QuantizationSpec
 
 log = logging.getLogger(__name__)
-
-MODELOPT_CONFIGS: dict[str, str] = {
-    "fp8": "FP8_DEFAULT_CFG",
-    "int8_sq": "INT8_SMOOTHQUANT_CFG",
-    "int4_awq": "INT4_AWQ_CFG",
-    "w4a8_awq": "W4A8_AWQ_BETA_CFG",
-    "nvfp4": "NVFP4_DEFAULT_CFG",
-    "nvfp4_awq": "NVFP4_AWQ_LITE_CFG",
-}
-KV_CACHE_CONFIGS: dict[str, str] = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
-# Block sizes TensorRT-LLM's INT4/W4A8 kernels take, largest first: the fallback picks from these.
-INT4_BLOCK_SIZES = (128, 64)
-
 
 @dataclass
 class QuantPlan:
@@ -47,31 +35,29 @@ class QuantPlan:
     decisions: list[str] = field(default_factory=list)
 
 
-CPU_NVFP4_BACKEND = "quantpipe_nvfp4_torch"
-
-
 def modelopt():
     """Import ModelOpt's quantization API quietly (it warns about untested transformers releases), with the
-    CPU NVFP4 backend registered: a restored model that names it must find it."""
+    formats' CPU fake quantizers registered: a restored model that names one must find it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
         import modelopt.torch.opt as mto
         import modelopt.torch.quantization as mtq
         from modelopt.torch.quantization.nn.modules import tensor_quantizer
-
-        from pipeline import fp4
-    if not tensor_quantizer.is_registered_quant_backend(CPU_NVFP4_BACKEND):
-        tensor_quantizer.register_quant_backend(CPU_NVFP4_BACKEND, fp4.fake_quant)
+    for cpu in formats.cpu_quantizers():
+        if not tensor_quantizer.is_registered_quant_backend(cpu.backend):
+            tensor_quantizer.register_quant_backend(cpu.backend, cpu.fake_quant)
     return mtq, mto
 
 
-def _use_cpu_nvfp4(config: dict) -> None:
-    """Point every NVFP4 entry (FP4 values, FP8 block scales) at the CPU backend."""
+def _use_cpu_quantizers(config: dict) -> None:
+    """Point every quantizer entry whose value and scale bits a CPU fake quantizer covers at that quantizer."""
+    by_bits = {(q.num_bits, q.scale_bits): q.backend for q in formats.cpu_quantizers()}
     for entry in config["quant_cfg"]:
         cfgs = entry.get("cfg")
         for cfg in cfgs if isinstance(cfgs, list) else [cfgs] if cfgs else []:
-            if cfg.get("num_bits") == (2, 1) and (cfg.get("block_sizes") or {}).get("scale_bits") == (4, 3):
-                cfg["backend"] = CPU_NVFP4_BACKEND
+            backend = by_bits.get((cfg.get("num_bits"), (cfg.get("block_sizes") or {}).get("scale_bits")))
+            if backend:
+                cfg["backend"] = backend
 
 
 class _LineLog(io.TextIOBase):
@@ -136,16 +122,16 @@ def plan_quantization(spec: QuantizationSpec, model) -> QuantPlan:
     import torch
 
     mtq, _ = modelopt()
-    config = copy.deepcopy(getattr(mtq, MODELOPT_CONFIGS[spec.format]))
+    config = copy.deepcopy(getattr(mtq, formats.get(spec.format).modelopt_config))
     known = family(model.config.model_type)
     config["algorithm"] = _algorithm(spec, moe=bool(known and known.moe))
     config["quant_cfg"] += [{"quantizer_name": _exclusion_pattern(p), "enable": False} for p in spec.exclude]
     if spec.kv_cache != "none":
-        kv = getattr(mtq, KV_CACHE_CONFIGS[spec.kv_cache])["quant_cfg"]
+        kv = getattr(mtq, formats.KV_CACHES[spec.kv_cache].modelopt_config)["quant_cfg"]
         with library_prints():
             config = mtq.update_quant_cfg_with_kv_cache_quant(config, copy.deepcopy(kv))
     if not torch.cuda.is_available():
-        _use_cpu_nvfp4(config)
+        _use_cpu_quantizers(config)
     disabled = _disabled_patterns(config)
     widths = {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
               and not any(fnmatch.fnmatch(f"{name}.weight_quantizer", p) for p in disabled)}
@@ -169,8 +155,8 @@ def _fit_block_size(spec: QuantizationSpec, plan: QuantPlan, widths: dict[str, i
     example = next(iter(sorted(misfits)))
     problem = (f"block size {size} does not divide the input width of {len(misfits)} of {len(widths)} layers "
                f"(e.g. {example}: {misfits[example]})")
-    candidates = INT4_BLOCK_SIZES if spec.format in ("int4_awq", "w4a8_awq") else ()
-    fallback = next((b for b in candidates if b < size and all(w % b == 0 for w in widths.values())), None)
+    fallbacks = formats.get(spec.format).block_fallbacks
+    fallback = next((b for b in fallbacks if b < size and all(w % b == 0 for w in widths.values())), None)
     if spec.block_size_policy == "error":
         hint = f"set quantization.block_size: {fallback}" if fallback else "exclude those layers"
         raise BadInput(f"{problem}; {hint}, or set quantization.block_size_policy to fallback or exclude")

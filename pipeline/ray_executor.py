@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from pipeline import runner
+from pipeline.backends import registry
 from pipeline.errors import HostLacks, QuantpipeError, VerificationFailed
 from pipeline.fmt import parse_size
 from pipeline.matrix import Cell, CellResult, EventSink, MatrixSpec
@@ -20,7 +21,6 @@ from pipeline.recipe import Recipe
 from pipeline.stages import Stage
 from pipeline.store import ArtifactStore
 
-GPU_BACKENDS = ("trtllm", "trtllm-pytorch")
 # Heavy stages get two CPUs by default: torch inside a Ray task uses as many threads as the task has CPUs.
 DEFAULT_CPUS = {"load": 1, "calibrate": 2, "quantize": 2, "export": 2, "build": 2, "verify": 2}
 
@@ -31,7 +31,7 @@ def resources(stage: Stage, recipe: Recipe, spec: MatrixSpec) -> dict:
     options: dict = {"num_cpus": asked.cpus if asked else DEFAULT_CPUS.get(stage.name, 1)}
     if asked and asked.memory:
         options["memory"] = parse_size(asked.memory)
-    if stage.name == "build" and recipe.build.backend in GPU_BACKENDS:
+    if stage.name == "build" and registry()[recipe.build.backend].gpu_to_build:
         options["num_gpus"] = 1
         options["resources"] = {recipe.target.gpu: 1}
     return options

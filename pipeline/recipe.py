@@ -10,52 +10,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import targets
+from pipeline import backends, formats, targets
 from pipeline.compare.spec import CompareSpec
 from pipeline.errors import BadInput
 
-Format = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq"]
+Format = Literal[tuple(formats.FORMATS)]  # checked against the registry (pipeline/formats/)
 Algorithm = Literal["auto", "max", "awq_lite", "awq_clip", "awq_full", "smoothquant", "gptq"]
-
-# What "auto" means for each format: ModelOpt's own default algorithm for it.
-DEFAULT_ALGORITHM: dict[str, str] = {
-    "fp8": "max",
-    "int8_sq": "smoothquant",
-    "int4_awq": "awq_lite",
-    "w4a8_awq": "awq_lite",
-    "nvfp4": "max",
-    "nvfp4_awq": "awq_lite",
-}
-# Weight block (group) size per format; None means per-channel or per-tensor scales.
-DEFAULT_BLOCK_SIZE: dict[str, int | None] = {
-    "fp8": None,
-    "int8_sq": None,
-    "int4_awq": 128,
-    "w4a8_awq": 128,
-    "nvfp4": 16,
-    "nvfp4_awq": 16,
-}
-# Verify thresholds per format: (max perplexity ratio vs the unquantized model, min teacher-forced agreement, min
-# logit cosine between the dequantized export and the calibrated model). Measured on SmolLM2-135M with 32 x 256
-# calibration tokens and 2048 held-out tokens: fp8 1.019 / 0.90, int4_awq 1.201 / 0.70, nvfp4 (+fp8 KV) 1.507 /
-# 0.67. A 135M model is far more sensitive to 4-bit formats than the 7B+ models the usual 1.15 aim comes from.
-DEFAULT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
-    "fp8": (1.05, 0.80, 0.995),
-    "int8_sq": (1.10, 0.65, 0.995),
-    "int4_awq": (1.25, 0.60, 0.95),
-    "w4a8_awq": (1.30, 0.55, 0.95),
-    "nvfp4": (1.60, 0.55, 0.97),
-    "nvfp4_awq": (1.60, 0.55, 0.97),
-}
-_BLOCK_FORMATS = ("int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq")
-# Algorithms that only make sense for some formats (max works everywhere).
-ALGORITHM_FORMATS: dict[str, tuple[str, ...]] = {
-    "awq_lite": _BLOCK_FORMATS,
-    "awq_clip": _BLOCK_FORMATS,
-    "awq_full": _BLOCK_FORMATS,
-    "gptq": _BLOCK_FORMATS,
-    "smoothquant": ("int8_sq", "fp8"),
-}
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
@@ -92,7 +52,7 @@ class TargetSpec(Section):
 class QuantizationSpec(Section):
     format: Format = "fp8"
     algorithm: Algorithm = Field("auto", description="auto = ModelOpt's default for the format, filled in")
-    kv_cache: Literal["none", "fp8", "nvfp4"] = "none"
+    kv_cache: Literal[tuple(formats.KV_CACHES)] = "none"
     block_size: int | None = Field(None, gt=0, description="weight block size; none = the format's default, filled in")
     block_size_policy: Literal["fallback", "exclude", "error"] = Field(
         "fallback", description="a layer whose width the block size does not divide: smaller block, skip it, or stop"
@@ -108,21 +68,26 @@ class QuantizationSpec(Section):
         if not isinstance(data, dict):
             return data
         data = {**data, "format": canonical_format(data.get("format", "fp8"))}
-        fmt = data["format"]
-        if fmt in DEFAULT_ALGORITHM and data.get("algorithm", "auto") == "auto":
-            data["algorithm"] = DEFAULT_ALGORITHM[fmt]
-        if fmt in DEFAULT_BLOCK_SIZE and data.get("block_size") is None:
-            data["block_size"] = DEFAULT_BLOCK_SIZE[fmt]
-        elif DEFAULT_BLOCK_SIZE.get(fmt, 0) in (None, 16) and data["block_size"] != DEFAULT_BLOCK_SIZE[fmt]:
-            raise ValueError(f"format '{fmt}' has a fixed scale layout; remove block_size")
+        known = formats.FORMATS.get(data["format"])
+        if known is None:
+            return data  # the format field's validator names the valid ones
+        if data.get("algorithm", "auto") == "auto":
+            data["algorithm"] = known.default_algorithm
+        if data.get("block_size") is None:
+            data["block_size"] = known.block_size
+        elif known.block_size_fixed and data["block_size"] != known.block_size:
+            raise ValueError(f"format '{known.name}' has a fixed scale layout; remove block_size")
         return data
 
     @model_validator(mode="after")
     def _algorithm_fits_format(self) -> QuantizationSpec:
-        fits = ALGORITHM_FORMATS.get(self.algorithm)
-        if fits is not None and self.format not in fits:
+        if self.algorithm not in formats.get(self.format).algorithms:
+            fits = [f.name for f in formats.FORMATS.values() if self.algorithm in f.algorithms]
             raise ValueError(f"algorithm '{self.algorithm}' does not apply to format '{self.format}'; "
                              f"it works with {', '.join(fits)}")
+        if self.kv_cache not in formats.get(self.format).kv_caches:
+            raise ValueError(f"kv_cache '{self.kv_cache}' does not combine with format '{self.format}'; use "
+                             f"{', '.join(formats.get(self.format).kv_caches)}")
         return self
 
 
@@ -144,14 +109,23 @@ class ExportSpec(Section):
 
 
 class BuildSpec(Section):
-    backend: Literal["auto", "none", "tensorrt-rtx", "trtllm", "trtllm-pytorch"] = Field(
-        "none", description="auto (filled in) = the engine builder the target runs without a GPU host, else none")
+    backend: str = Field(
+        "none", description="auto (filled in) = the engine builder the target runs without a GPU host, else none; "
+                            "or a backend from the registry (pipeline/backends/)")
     max_batch_size: int = Field(8, ge=1)
     max_input_len: int = Field(512, ge=1)
     max_seq_len: int = Field(1024, ge=1)
     max_num_tokens: int = Field(2048, ge=1)
     also_for: tuple[str, ...] = Field((), description="more GPUs one TensorRT-RTX engine must run on, e.g. "
                                                       "[blackwell-rtx] beside an ada target")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        options = ["auto", "none", *backends.registry()]
+        if value not in options:
+            raise ValueError(f"'{value}' is not allowed{_did_you_mean(value, options)}; use {', '.join(options)}")
+        return value
 
     @field_validator("also_for")
     @classmethod
@@ -160,9 +134,10 @@ class BuildSpec(Section):
 
     @model_validator(mode="after")
     def _several_only_for_rtx(self) -> BuildSpec:
-        if self.also_for and self.backend != "tensorrt-rtx":
-            raise ValueError("only a tensorrt-rtx engine holds several compute capabilities; "
-                             "set build.backend: tensorrt-rtx or remove build.also_for")
+        several = [name for name, b in backends.registry().items() if b.several_gpus]
+        if self.also_for and self.backend not in several:
+            raise ValueError(f"only a {' or '.join(several)} engine holds several compute capabilities; "
+                             f"set build.backend: {several[0]} or remove build.also_for")
         return self
 
 
@@ -258,7 +233,8 @@ def _resolve_backend(data: Any) -> Any:
         return data  # the field validators name the unknown GPU
     fmt = canonical_format((data.get("quantization") or {}).get("format", "fp8"))
     # only a TensorRT-RTX engine holds several GPUs: asking for them asks for it (the target check has the last word)
-    backend = "tensorrt-rtx" if build.get("also_for") else targets.default_backend(gpus, fmt)
+    several = next(name for name, b in backends.registry().items() if b.several_gpus)
+    backend = several if build.get("also_for") else targets.default_backend(gpus, fmt)
     return {**data, "build": {**build, "backend": backend}}
 
 
@@ -270,7 +246,8 @@ def _resolve_formats(data: Any) -> Any:
     export, build = data.get("export") or {}, data.get("build") or {}
     if not isinstance(export, dict) or not isinstance(build, dict) or export.get("formats") is not None:
         return data  # given (or malformed: the field validators say so)
-    formats = list(dict.fromkeys(("hf", targets.BACKEND_EXPORTS.get(build.get("backend", "none"), "hf"))))
+    backend = backends.registry().get(build.get("backend", "none"))
+    formats = list(dict.fromkeys(("hf", backend.export if backend else "hf")))
     return {**data, "export": {**export, "formats": formats}}
 
 

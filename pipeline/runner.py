@@ -81,7 +81,7 @@ def _index(stages: tuple[Stage, ...], name: str) -> int:
 def check_target(recipe: Recipe) -> None:
     q = recipe.quantization
     for gpu in recipe.gpus:
-        targets.check(gpu, q.format, q.kv_cache, recipe.build.backend)
+        targets.check(gpu, q.format, q.kv_cache, recipe.build.backend, recipe.export.formats)
 
 
 def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),

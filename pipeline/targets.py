@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline import backends, formats
 from pipeline.errors import BadInput, UnsupportedOnTarget
 
 
@@ -45,43 +46,30 @@ ARCHS: dict[int, GpuArch] = {
 # A family name stands for its first member: "blackwell" means the datacenter part, sm_100.
 ALIASES: dict[str, int] = {"ampere": 80, "ada": 89, "hopper": 90, "blackwell": 100, "blackwell-rtx": 120}
 
-_AMPERE_UP = frozenset(ARCHS)
-_ADA_UP = frozenset(sm for sm in ARCHS if sm >= 89)
-_BLACKWELL = frozenset(sm for sm in ARCHS if sm >= 100)
 
-# Weight/activation formats: where each runs natively.
-FORMATS: dict[str, frozenset[int]] = {
-    "fp8": _ADA_UP,
-    "int8_sq": _AMPERE_UP,
-    "int4_awq": _AMPERE_UP,
-    "w4a8_awq": _ADA_UP,
-    "nvfp4": _BLACKWELL,
-    "nvfp4_awq": _BLACKWELL,
-}
 
-KV_CACHE_FORMATS: dict[str, frozenset[int]] = {
-    "none": _AMPERE_UP,
-    "fp8": _ADA_UP,
-    "nvfp4": _BLACKWELL,
-}
+def _from(min_sm: int) -> frozenset[int]:
+    return frozenset(sm for sm in ARCHS if sm >= min_sm)
 
-BUILD_BACKENDS: dict[str, frozenset[int]] = {
-    "none": _AMPERE_UP,
-    "tensorrt-rtx": frozenset({80, 86, 89, 120, 121}),
-    "trtllm": _AMPERE_UP,
-    "trtllm-pytorch": _AMPERE_UP,
-}
 
-# Formats each engine builder can express (TensorRT-RTX has no W4A8 or FP8 KV cache path in ONNX Q/DQ form).
-BACKEND_FORMATS: dict[str, frozenset[str]] = {
-    "none": frozenset(FORMATS),
-    "tensorrt-rtx": frozenset({"fp8", "int8_sq", "int4_awq", "nvfp4", "nvfp4_awq"}),
-    "trtllm": frozenset(FORMATS),
-    "trtllm-pytorch": frozenset(FORMATS),
-}
+def format_archs() -> dict[str, frozenset[int]]:
+    """Weight/activation formats (pipeline/formats/): where each runs natively."""
+    return {name: _from(f.min_sm) for name, f in formats.FORMATS.items()}
 
-# The export each build backend builds from (checked by the build stage, defaulted into export.formats).
-BACKEND_EXPORTS: dict[str, str] = {"tensorrt-rtx": "onnx", "trtllm": "trtllm", "trtllm-pytorch": "hf"}
+
+def kv_cache_archs() -> dict[str, frozenset[int]]:
+    return {name: _from(kv.min_sm) for name, kv in formats.KV_CACHES.items()}
+
+
+def backend_archs() -> dict[str, frozenset[int]]:
+    """Build backends (pipeline/backends/) and the architectures each builds for; none builds nothing."""
+    return {"none": frozenset(ARCHS),
+            **{name: frozenset(sm for sm in ARCHS if b.runs_on(sm)) for name, b in backends.registry().items()}}
+
+
+def backend_refusal(backend: str, fmt: str) -> str | None:
+    """Why a build backend cannot build a format (None when it can; none builds nothing, so it takes every one)."""
+    return None if backend == "none" else backends.registry()[backend].refusal(formats.get(fmt))
 
 
 def resolve(name: str) -> GpuArch:
@@ -105,13 +93,14 @@ def _needs(archs: frozenset[int]) -> str:
     return ", ".join(ARCHS[sm].label for sm in sorted(archs))
 
 
-def check(gpu: str, fmt: str, kv_cache: str, backend: str) -> GpuArch:
-    """Raise UnsupportedOnTarget, naming what the target supports instead, unless all parts run on `gpu`."""
+def check(gpu: str, fmt: str, kv_cache: str, backend: str, exports: tuple[str, ...] = ()) -> GpuArch:
+    """Raise UnsupportedOnTarget, naming what the target supports instead, unless all parts run on `gpu` and the
+    format can be exported as each of `exports` and built by the backend."""
     arch = resolve(gpu)
     for what, table, value in (
-        ("quantization.format", FORMATS, fmt),
-        ("quantization.kv_cache", KV_CACHE_FORMATS, kv_cache),
-        ("build.backend", BUILD_BACKENDS, backend),
+        ("quantization.format", format_archs(), fmt),
+        ("quantization.kv_cache", kv_cache_archs(), kv_cache),
+        ("build.backend", backend_archs(), backend),
     ):
         if arch.sm not in table[value]:
             options = ", ".join(_supported_on(table, arch.sm))
@@ -119,10 +108,14 @@ def check(gpu: str, fmt: str, kv_cache: str, backend: str) -> GpuArch:
                 f"{what} '{value}' does not run on {arch.label}; it needs {_needs(table[value])}. "
                 f"{arch.label} supports: {options}"
             )
-    if fmt not in BACKEND_FORMATS[backend]:
-        options = ", ".join(sorted(BACKEND_FORMATS[backend]))
+    for export in exports:
+        if reason := formats.get(fmt).refusal(export):
+            raise UnsupportedOnTarget(f"quantization.format '{fmt}' cannot be exported as {export}: {reason}; "
+                                      f"remove {export} from export.formats")
+    if reason := backend_refusal(backend, fmt):
+        options = ", ".join(f for f in formats.FORMATS if backend_refusal(backend, f) is None)
         raise UnsupportedOnTarget(
-            f"build.backend '{backend}' cannot build quantization.format '{fmt}'; it builds: {options}"
+            f"build.backend '{backend}' cannot build quantization.format '{fmt}' ({reason}); it builds: {options}"
         )
     return arch
 
@@ -134,17 +127,17 @@ def matrix() -> list[dict]:
             "sm": f"sm_{a.sm}",
             "family": a.family,
             "products": a.products,
-            "formats": _supported_on(FORMATS, a.sm),
-            "kv_cache": _supported_on(KV_CACHE_FORMATS, a.sm),
-            "backends": [b for b in _supported_on(BUILD_BACKENDS, a.sm) if b != "none"],
+            "formats": _supported_on(format_archs(), a.sm),
+            "kv_cache": _supported_on(kv_cache_archs(), a.sm),
+            "backends": [b for b in _supported_on(backend_archs(), a.sm) if b != "none"],
         }
         for a in ARCHS.values()
     ]
 
 
 def default_backend(gpus: list[int], fmt: str) -> str:
-    """What `build.backend: auto` means: a TensorRT-RTX engine where every target runs one and it can express the
-    format (it is built ahead of time on any host), else no engine build."""
-    if all(sm in BUILD_BACKENDS["tensorrt-rtx"] for sm in gpus) and fmt in BACKEND_FORMATS["tensorrt-rtx"]:
-        return "tensorrt-rtx"
-    return "none"
+    """What `build.backend: auto` means: a backend that builds without a GPU (ahead of time, on any host) where
+    every target runs it and it can build the format, else no engine build."""
+    return next((name for name, b in backends.registry().items() if not b.gpu_to_build
+                 and all(b.runs_on(sm) for sm in gpus) and fmt in formats.FORMATS
+                 and backend_refusal(name, fmt) is None), "none")

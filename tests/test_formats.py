@@ -38,6 +38,15 @@ EXPECTED = {
                "input_scale": ("F32", [])},
               {"weight": ("U8", [960, 288]), "weights_scaling_factor": ("F8_E4M3", [960, 36]),
                "weights_scaling_factor_2": ("F32", [])}),
+    # Added through the format registry alone: E8M0 (biased exponent, uint8) scales per 32 values.
+    "mxfp8": ("MXFP8", 32,
+              {"weight": ("F8_E4M3", [576, 576]), "weight_scale": ("U8", [576, 18])},
+              {"weight": ("F8_E4M3", [960, 576]), "weights_scaling_factor": ("U8", [960, 18])}),
+    "nvfp4_w4a16": ("W4A16_NVFP4", 16,
+                    {"weight": ("U8", [576, 288]), "weight_scale": ("F8_E4M3", [576, 36]),
+                     "weight_scale_2": ("F32", [])},
+                    {"weight": ("U8", [960, 288]), "weights_scaling_factor": ("F8_E4M3", [960, 36]),
+                     "weights_scaling_factor_2": ("F32", [])}),
 }
 
 
@@ -75,6 +84,16 @@ def test_export_inventory_matches_the_format(run_preset, preset):
     # The quantized checkpoints are smaller than fp16 (embeddings stay fp16 in this small model).
     sizes = outcomes["export"].artifact.metadata["formats"]
     assert all(info["bytes"] < outcomes["export"].artifact.metadata["fp16_bytes"] for info in sizes.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["mxfp8", "nvfp4_w4a16"])
+def test_formats_added_through_the_registry_verify_on_cpu(run_preset, preset):
+    """Calibrated with the CPU fake quantizers, both checkpoint layouts dequantized by the format's codec and
+    checked against the serving engines' loader contract, within the format's default thresholds."""
+    verify = run_preset(preset, "export.formats=[trtllm,hf]", until="verify").outcomes[-1].artifact.metadata
+    assert verify["passed"], verify["failures"]
+    assert set(verify["exports"]) == {"hf", "trtllm"} and verify["exports"]["hf"]["contract"] == []
 
 
 @pytest.mark.slow

@@ -7,17 +7,12 @@ import collections
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pipeline import host
-from pipeline.recipe import Recipe
-
-if TYPE_CHECKING:  # stages import backends: no import cycle at run time
-    from pipeline.stages.base import StageContext
+from pipeline.backends import Builder, registry
 
 ENGINE_FILE = "model.engine"
 ENGINE_MAGIC = b"vtrt"  # the first bytes of a serialized TensorRT-RTX engine
-CAPABILITIES = {80: "SM80", 86: "SM86", 89: "SM89", 120: "SM120", 121: "SM121"}
 
 _logger = None
 
@@ -32,31 +27,37 @@ def _trt_logger():
     return _logger
 
 
-class TensorRTRTX:
+class TensorRTRTX(Builder):
+    """Builds ahead of time on any host: the target's compute capability is in the key, not this host's GPU."""
+
+    info = registry()["tensorrt-rtx"]
     libraries = ("tensorrt-rtx",)
 
-    def missing(self, recipe: Recipe) -> str | None:
+    def missing(self, recipe) -> str | None:
         if not host.has_module("tensorrt_rtx"):
             return "build.backend tensorrt-rtx needs the tensorrt-rtx package: pip install 'quantpipe[rtx]'"
         return None
 
-    def environment(self, recipe: Recipe) -> dict:
-        return {}  # builds ahead of time: the target's compute capability is in the key, not this host's GPU
-
-    def build(self, ctx: StageContext, tool_cache: Path) -> dict:
+    def build(self, ctx, tool_cache: Path) -> dict:
         from transformers import AutoConfig
 
         from pipeline.onnx_export import io_names
-        from pipeline.stages.export import ONNX_FILE
 
         model = AutoConfig.from_pretrained(ctx.input("load") / "model")
-        engine, metadata = compile_engine(ctx.input("export") / "onnx" / ONNX_FILE, model, ctx.recipe.build,
+        graph = next((ctx.input("export") / self.info.export).glob("*.onnx"))  # the decoder (weights may sit beside it)
+        engine, metadata = compile_engine(graph, model, ctx.recipe.build,
                                           [int(gpu.removeprefix("sm_")) for gpu in ctx.recipe.gpus])
         (ctx.out / ENGINE_FILE).write_bytes(engine)
         (ctx.out / "engine.json").write_text(json.dumps(
             {"compute_capability": metadata["compute_capability"], "profile": metadata["profile"],
              "inputs": io_names(model.num_hidden_layers)[0]}, indent=2))
         return metadata
+
+    def runnable_here(self, metadata: dict) -> str | None:
+        return runnable_here(metadata)
+
+    def decoder(self, folder: Path):
+        return engine_decoder(folder / ENGINE_FILE)
 
 
 def compile_engine(onnx_path: Path, model_config, spec, sms: list[int]) -> tuple[bytes, dict]:
@@ -84,14 +85,14 @@ def compile_engine(onnx_path: Path, model_config, spec, sms: list[int]) -> tuple
     config.add_optimization_profile(profile)
     config.num_compute_capabilities = len(sms)
     for index, sm in enumerate(sms):
-        config.set_compute_capability(getattr(trt.ComputeCapability, CAPABILITIES[sm]), index)
+        config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{sm}"), index)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT-RTX returned no engine; rerun with -vv for the builder log")
     engine = bytes(memoryview(serialized))
     checks = ["ONNX parsed", "engine serialized", f"header magic {ENGINE_MAGIC!r}: {engine[:4] == ENGINE_MAGIC}"]
     return engine, {"backend": "tensorrt-rtx", "tensorrt_rtx": trt.__version__,
-                    "compute_capability": ",".join(CAPABILITIES[sm] for sm in sms), "engine_bytes": len(engine),
+                    "compute_capability": ",".join(f"SM{sm}" for sm in sms), "engine_bytes": len(engine),
                     "build_seconds": round(time.time() - started, 2),
                     "profile": {"batch": batch, "new_tokens": seq, "past_tokens": past}, "quantize_layers": layers,
                     "checks": checks, "not_checked": "running the engine needs an RTX-class GPU of its architecture"}

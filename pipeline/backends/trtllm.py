@@ -11,19 +11,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
-from pipeline import host, serving
+from pipeline import formats, host, serving
+from pipeline.backends import Builder, registry
 from pipeline.errors import HostLacks
-from pipeline.recipe import Recipe
-
-if TYPE_CHECKING:  # stages import backends: no import cycle at run time
-    from pipeline.stages.base import StageContext
-
-# GEMM plugin per format: FP8 and NVFP4 have their own; the rest let TensorRT-LLM pick.
-GEMM_PLUGIN = {"fp8": "fp8", "nvfp4": "nvfp4", "nvfp4_awq": "nvfp4"}
 
 
 def interpreter() -> str:
@@ -42,7 +35,7 @@ def trtllm_version() -> str | None:
     return lines[-1] if probe.returncode == 0 and lines else None
 
 
-def _missing(recipe: Recipe) -> str | None:
+def _missing(recipe) -> str | None:
     sm = int(recipe.target.gpu.removeprefix("sm_"))
     gpus = host.gpus()
     matching = [g for g in gpus if g.sm == sm]
@@ -54,14 +47,12 @@ def _missing(recipe: Recipe) -> str | None:
             f"{'; '.join(found)} (set QUANTPIPE_TRTLLM_PYTHON to an interpreter with tensorrt_llm)")
 
 
-def _environment(recipe: Recipe) -> dict:
+def _environment(recipe) -> dict:
     return {"tensorrt_llm": trtllm_version(), "gpus": [f"{g.name} (sm_{g.sm})" for g in host.gpus()]}
 
 
-class _TrtllmBackend:
+class _TrtllmBackend(Builder):
     """What both TensorRT-LLM paths share: its own interpreter, and a GPU of the target architecture."""
-
-    libraries = ()
     missing = staticmethod(_missing)
     environment = staticmethod(_environment)
 
@@ -69,9 +60,11 @@ class _TrtllmBackend:
 class TrtllmEngine(_TrtllmBackend):
     """A TensorRT engine from the exported TensorRT-LLM checkpoint with trtllm-build (TensorRT-LLM <= 1.2)."""
 
-    def build(self, ctx: StageContext, tool_cache: Path) -> dict:
+    info = registry()["trtllm"]
+
+    def build(self, ctx, tool_cache: Path) -> dict:
         spec, fmt = ctx.recipe.build, ctx.recipe.quantization.format
-        checkpoint = ctx.input("export") / "trtllm"
+        checkpoint = ctx.input("export") / self.info.export
         builder = shutil.which("trtllm-build", path=str(Path(interpreter()).parent)) or shutil.which("trtllm-build")
         if builder is None:
             raise HostLacks(f"trtllm-build not found beside {interpreter()}: TensorRT-LLM >= 1.3 has no engine "
@@ -80,7 +73,7 @@ class TrtllmEngine(_TrtllmBackend):
         command = [builder, "--checkpoint_dir", str(checkpoint), "--output_dir", str(ctx.out / "engine"),
                    "--max_batch_size", str(spec.max_batch_size), "--max_input_len", str(spec.max_input_len),
                    "--max_seq_len", str(spec.max_seq_len), "--max_num_tokens", str(spec.max_num_tokens),
-                   "--gemm_plugin", GEMM_PLUGIN.get(fmt, "auto"), "--timing_cache", str(timing_cache)]
+                   "--gemm_plugin", formats.get(fmt).gemm_plugin, "--timing_cache", str(timing_cache)]
         subprocess.run(command, check=True, capture_output=True, text=True)
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             if (checkpoint / name).is_file():
@@ -93,8 +86,10 @@ class TrtllmEngine(_TrtllmBackend):
 class TrtllmPytorch(_TrtllmBackend):
     """The PyTorch-backend deployable: the HF checkpoint plus LLM API options, loaded once to warm the autotuner."""
 
-    def build(self, ctx: StageContext, tool_cache: Path) -> dict:
-        checkpoint = ctx.input("export") / "hf"
+    info = registry()["trtllm-pytorch"]
+
+    def build(self, ctx, tool_cache: Path) -> dict:
+        checkpoint = ctx.input("export") / self.info.export
         shutil.copytree(checkpoint, ctx.out / "checkpoint")
         options = serving.llm_api_options(ctx.recipe)
         (ctx.out / "llm_api_options.yaml").write_text(yaml.safe_dump(options))

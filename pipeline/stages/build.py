@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from pipeline import host, targets
-from pipeline.backends import registry
+from pipeline import host
+from pipeline.backends.builders import builder
 from pipeline.errors import BadInput, HostLacks
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
@@ -58,15 +58,15 @@ class Build(Stage):
         return recipe.build.backend != "none"
 
     def environment(self, recipe: Recipe) -> dict:
-        backend = registry()[recipe.build.backend]
+        backend = builder(recipe.build.backend)
         return {**host.versions(backend.libraries), **backend.environment(recipe)}
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
-        source = targets.BACKEND_EXPORTS[recipe.build.backend]
+        source = builder(recipe.build.backend).info.export
         if source not in recipe.export.formats:
             raise BadInput(f"build.backend {recipe.build.backend} builds from the {source} export: "
                            f"add {source} to export.formats")
-        problem = registry()[recipe.build.backend].missing(recipe)
+        problem = builder(recipe.build.backend).missing(recipe)
         if problem:
             raise HostLacks(problem)
 
@@ -75,4 +75,4 @@ class Build(Stage):
         return f"{facts.backend}{size}"
 
     def run(self, ctx: StageContext) -> BuildFacts:
-        return registry()[ctx.recipe.build.backend].build(ctx, ctx.tool_cache)
+        return builder(ctx.recipe.build.backend).build(ctx, ctx.tool_cache)

@@ -9,17 +9,14 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from pipeline import contracts, data, lmeval
+from pipeline import contracts, data, formats, lmeval
 from pipeline.errors import BadInput
-from pipeline.recipe import DEFAULT_THRESHOLDS, Recipe
+from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-# Relative error allowed between an export's dequantized layer and the calibrated one: exporters requantize fused
-# layers (q/k/v, gate/up) with a shared scale, which moves values by up to a quantization step.
-LAYER_TOLERANCE = {"fp8": 0.1, "int8_sq": 0.1, "int4_awq": 0.5, "w4a8_awq": 0.5, "nvfp4": 0.25, "nvfp4_awq": 0.25}
 # Norms whose scale an exporter may fold AWQ/SmoothQuant pre-quant scales into, and the layers they feed (Llama-like).
 FOLDED_NORMS = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
                 "self_attn.v_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm",
@@ -27,7 +24,7 @@ FOLDED_NORMS = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "inpu
 
 
 def thresholds(recipe: Recipe) -> dict:
-    ppl, agree, cosine = DEFAULT_THRESHOLDS[recipe.quantization.format]
+    ppl, agree, cosine = formats.get(recipe.quantization.format).thresholds.values()
     v = recipe.verify
     return {"ppl_ratio_max": v.ppl_ratio_max or ppl, "agreement_min": agree if v.gen_agreement_min is None
             else v.gen_agreement_min, "parity_cosine_min": v.parity_cosine_min or cosine}
@@ -74,7 +71,7 @@ class Verify(Stage):
         quantized, _ = load_model(loaded / "model")
         restore_calibration(quantized, calibrated.path)
         folded = fold_weight_quantization(quantized)
-        tolerance = LAYER_TOLERANCE[recipe.quantization.format]
+        tolerance = formats.get(recipe.quantization.format).layer_tolerance
         on = evaluate.describe_windows(windows)
 
         ppl_original = evaluate.perplexity(original, _steps(ctx.track, windows, f"perplexity, unquantized: {on}"))
@@ -177,7 +174,7 @@ class Verify(Stage):
                     expert_weight(plain, where).copy_(weights[f"{name}.weight"])
         layers = _layer_errors(quantized, _steps(track, folded, f"{fmt}: dequantized layers vs calibrated"),
                                original, weights, info) + _expert_errors(quantized, experts, weights)
-        bad = _over_tolerance(layers, LAYER_TOLERANCE[recipe.quantization.format])
+        bad = _over_tolerance(layers, formats.get(recipe.quantization.format).layer_tolerance)
         on = evaluate.describe_windows(windows)
         parity = evaluate.compare_on_windows(lambda window: plain(window[None]).logits[0], quantized, _steps(
             track, windows, f"{fmt}: dequantized export vs calibrated model, logits and perplexity: {on}"))
@@ -270,21 +267,23 @@ def _check_decoder(decoder, runtime: str, quantized, windows, limits: dict, trac
 def _check_engine(build, recipe: Recipe, quantized, windows, limits: dict, track) -> tuple[str, dict | None]:
     """Run the engine where this host has a GPU it was built for; otherwise say why not. An engine is never
     claimed to pass without having run."""
-    from pipeline.backends.tensorrt_rtx import ENGINE_FILE, engine_decoder, runnable_here
+    from pipeline.backends import registry
+    from pipeline.backends.builders import builder as find_builder
     from pipeline.fmt import human_bytes
 
     if build is None:
         return "no engine built (build.backend: none)", None
     backend, size = build.metadata["backend"], human_bytes(build.metadata.get("engine_bytes", build.size))
-    if backend != "tensorrt-rtx":
-        warmed = " (the build loaded it and generated once)" if backend == "trtllm-pytorch" else ""
-        return f"{backend} build made ({size}){warmed}; not run by verify: it runs TensorRT-RTX engines only", None
-    gpu = runnable_here(build.metadata)
+    builder = find_builder(backend)
+    if not builder.info.verify_runs:
+        runs = " or ".join(n for n, b in registry().items() if b.verify_runs)
+        return f"{backend} build made ({size}){builder.info.verify_note}; not run by verify: it runs {runs} only", None
+    gpu = builder.runnable_here(build.metadata)
     if gpu is None:
         wanted = "/".join(f"sm_{cc.removeprefix('SM')}" for cc in build.metadata["compute_capability"].split(","))
         return f"{backend} engine built ({size}); not run: no {wanted} GPU on this host", None
     fitting = windows[:, :recipe.build.max_input_len]  # the engine's profile caps one prefill's length
-    result = _check_decoder(engine_decoder(build / ENGINE_FILE), f"engine on {gpu}", quantized, fitting, limits, track)
+    result = _check_decoder(builder.decoder(build.path), f"engine on {gpu}", quantized, fitting, limits, track)
     return (f"{backend} engine ({size}) ran on {gpu}: top-1 agreement {result['agreement']:.1%}, cosine "
             f"{result['cosine']:.4f}, {result['tokens_per_second']} tokens/s"), result
 
