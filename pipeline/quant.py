@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from pipeline.architectures import family
 from pipeline.errors import BadInput
+from pipeline.modeling import state_dict
 from pipeline.recipe import QuantizationSpec
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def _canonical(value):
 def weight_digests(model) -> dict[str, bytes]:
     """A digest of every tensor before calibration: save_calibration then finds what calibration changed without
     reading the original weights a second time (that read doubled the stage's peak memory)."""
-    return {name: _digest(tensor) for name, tensor in model.state_dict().items()}
+    return {name: _digest(tensor) for name, tensor in state_dict(model).items()}
 
 
 def _digest(tensor) -> bytes:
@@ -238,7 +239,7 @@ def save_calibration(model, original_weights, out, before: dict[str, bytes]) -> 
 
     _, mto = modelopt()
     changed, rescaled = {}, []
-    state = model.state_dict()
+    state = state_dict(model)
     with safe_open(original_weights, "pt") as original:
         known = set(original.keys())
         # A tied weight (lm_head sharing the embedding) is saved once under the other name.

@@ -76,6 +76,9 @@ class Reporter:
     def track(self, items: Iterable, total: int | None = None, description: str = "") -> Iterable:
         return items
 
+    def stage_progress(self, stage: str, event: dict) -> None:
+        """Progress inside a stage (a finished layer); `event["message"]`, when present, is for people."""
+
 
 def _index(stages: tuple[Stage, ...], name: str) -> int:
     names = [s.name for s in stages]
@@ -181,7 +184,8 @@ def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str
         def build(out: Path) -> dict:
             tool_cache = store.root / "tools" / name
             tool_cache.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track, store)
+            ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track, store,
+                               store.scratch_for(name, step.key), lambda event: reporter.stage_progress(name, event))
             with host.PeakMemory() as peak:
                 metadata = step.stage.run(ctx)
             manifest_record["peak_rss_bytes"] = peak.bytes  # store.write puts the record in the manifest after build

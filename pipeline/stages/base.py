@@ -20,6 +20,10 @@ def _no_progress(items: Iterable[T], total: int | None = None, description: str 
     return items
 
 
+def _no_report(event: dict) -> None:
+    pass
+
+
 @dataclass
 class StageContext:
     recipe: Recipe
@@ -29,6 +33,8 @@ class StageContext:
     tool_cache: Path  # persists across builds (e.g. TensorRT timing caches): speed only, never an input's identity
     track: Callable[..., Iterable] = field(default=_no_progress)
     store: ArtifactStore | None = None  # for stages that reuse verified parts of other artifacts of their own kind
+    scratch: Path | None = None  # resumable work tied to this key (ArtifactStore.scratch_for), kept across kills
+    report: Callable[[dict], None] = field(default=_no_report)  # progress events (a finished layer) for schedulers
 
     def input(self, stage: str) -> Artifact:
         return self.inputs[stage]

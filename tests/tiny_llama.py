@@ -1,0 +1,30 @@
+"""A tiny random-init Llama with a word-level tokenizer built on the spot: a real transformers model directory that
+the pipeline loads in a second, with no download and no real model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+VOCAB = 512
+
+
+def make(folder: Path, layers: int = 4) -> Path:
+    """Save the model and its tokenizer into `folder` (created); the same folder content for the same arguments."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline.data import load_documents
+
+    common = Counter(" ".join(load_documents("calib")).split()).most_common(VOCAB - 1)
+    vocab = {"<unk>": 0, **{word: i + 1 for i, (word, _) in enumerate(common)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder.mkdir(parents=True, exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
+    config = LlamaConfig(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
