@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import pickle
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -206,10 +207,14 @@ def _smoothed(weight, module):
 
 
 def _canonical(value):
-    """The same value with every string-keyed dict in sorted key order (order carries no meaning in them)."""
+    """The same value with every string-keyed dict in sorted key order (order carries no meaning in them), and
+    equal strings one object: pickle writes a repeated object as a back-reference, so which equal strings share an
+    object (a state resumed from layer checkpoints shares fewer) must not change the bytes."""
+    if isinstance(value, str):
+        return sys.intern(value)
     if isinstance(value, dict):
         items = sorted(value.items()) if all(isinstance(k, str) for k in value) else value.items()
-        return {k: _canonical(v) for k, v in items}
+        return {_canonical(k): _canonical(v) for k, v in items}
     if isinstance(value, (list, tuple)):
         return type(value)(_canonical(v) for v in value)
     return value

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 VOCAB = 512
 
 
@@ -28,3 +30,16 @@ def make(folder: Path, layers: int = 4) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+SETTINGS = ["calibration.samples=4", "calibration.seq_len=32", "calibration.batch_size=2"]
+
+
+def recipe_args(folder: Path, *overrides: str) -> list[str]:
+    """The preset's `--set` arguments for a quick calibration of the tiny model in `folder`."""
+    return [arg for item in [f"model.source={folder}", *SETTINGS, *overrides] for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make(tmp_path_factory.mktemp("tiny-llama"), layers=6)
