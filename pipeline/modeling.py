@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def quiet_libraries() -> None:
-    """Keep transformers from logging below errors."""
+    """Keep transformers (and accelerate's note that offloaded weights are on the meta device) from logging below
+    errors."""
     from transformers.utils import logging as hf_logging
 
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
