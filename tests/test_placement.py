@@ -44,7 +44,7 @@ def test_device_cuda_without_a_gpu_exits_4_before_any_work(tiny_llama, tmp_path)
     cache = tmp_path / "cache"
     result = subprocess.run([sys.executable, "-m", "pipeline", "run", "fp8",
                              *recipe_args(tiny_llama, "model.device=cuda"), "--cache-dir", str(cache)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 4, result.stderr
     assert "model.device is cuda but this host has no NVIDIA GPU" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

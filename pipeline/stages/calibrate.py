@@ -66,6 +66,13 @@ class LayerProgress:
             pass
 
 
+def offload_folder(ctx: StageContext) -> Path:
+    """Where weights that fit in no memory go: a folder per key in the recipe's offload_dir (runs may share it),
+    else the scratch area."""
+    own = ctx.recipe.model.offload_dir
+    return Path(own).expanduser() / ctx.scratch.name if own else ctx.scratch / "offload"
+
+
 def check_seq_len(seq_len: int, model: dict) -> None:
     limit = model.get("max_position_embeddings")
     if limit and seq_len > limit:
@@ -109,8 +116,7 @@ class Calibrate(Stage):
         loaded = ctx.input("load")
         placed = placement.plan(loaded / "model", ctx.recipe.model)
         ctx.report({"placement": placed.to_json(), "message": f"placement: {placed.describe()}"})
-        own_offload = ctx.recipe.model.offload_dir is not None  # else the scratch area, removed on commit
-        offload = Path(ctx.recipe.model.offload_dir) / ctx.scratch.name if own_offload else ctx.scratch / "offload"
+        offload = offload_folder(ctx) if "disk" in placed.devices else None
         try:
             model, tokenizer = load_model(loaded / "model", device_map=None if placed.devices == {"cpu"} else
                                           placed.device_map, offload_dir=offload)
@@ -129,7 +135,7 @@ class Calibrate(Stage):
             seconds = time.time() - started
             saved = save_calibration(model, loaded / "model" / "model.safetensors", ctx.out, before)
         finally:
-            if own_offload:
+            if offload and ctx.recipe.model.offload_dir:  # the scratch area's goes when the artifact commits
                 shutil.rmtree(offload, ignore_errors=True)
         (ctx.out / "plan.json").write_text(json.dumps(
             {"config": plan.config, "decisions": plan.decisions, "quantized_layers": plan.quantized_layers,
