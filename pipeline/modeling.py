@@ -40,8 +40,9 @@ def load_model(folder: Path, dtype: str = "float32", device_map: dict | None = N
 
 
 def state_dict(model) -> dict:
-    """model.state_dict(), with the weights accelerate offloaded to disk (meta tensors in the model) read back."""
-    if "disk" not in {str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()}:
+    """model.state_dict() on the CPU: weights accelerate placed on a GPU or offloaded to disk (meta tensors in the
+    model) are read back, one module at a time."""
+    if {str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()} <= {"cpu"}:
         return model.state_dict()
     from accelerate.utils.modeling import get_state_dict_offloaded_model
 

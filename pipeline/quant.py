@@ -202,7 +202,7 @@ def _smoothed(weight, module):
     pqs = getattr(module.input_quantizer, "_pre_quant_scale", None) if hasattr(module, "input_quantizer") else None
     if pqs is None:
         return None
-    inverse = 1.0 / pqs.to(torch.float32)
+    inverse = 1.0 / pqs.to(weight.device, torch.float32)  # the scale may sit on the GPU calibration used
     return (weight * inverse.squeeze()[None, :]).to(weight.dtype)
 
 
