@@ -224,7 +224,8 @@ class ConsoleReporter(runner.Reporter):
     def stage_progress(self, stage: str, event: dict) -> None:
         if self.events:
             _event({"event": "stage_progress", "recipe": self.recipe, "stage": stage, **event})
-        if (self.lines or not self.progress.disable) and "message" in event:
+        per_layer = "layer" in event  # on a terminal the bar shows those
+        if "message" in event and (self.lines or (not per_layer and not self.progress.disable)):
             err.print(f"quantpipe: {self.recipe}: {stage}: {event['message']}")
 
     def track(self, items: Iterable, total: int | None = None, description: str = "") -> Iterable:

@@ -59,7 +59,9 @@ class LayerProgress:
         remaining = elapsed / (self.done - self.start) * (self.layers - self.done)
         with contextlib.redirect_stdout(self.stdout):
             self.ctx.report({"layer": index + 1, "layers": self.layers, "resumed_at": self.start,
-                             "elapsed_s": round(elapsed, 2), "remaining_s": round(remaining, 2)})
+                             "elapsed_s": round(elapsed, 2), "remaining_s": round(remaining, 2),
+                             "message": f"layer {index + 1}/{self.layers} calibrated, {elapsed:.0f} s elapsed, "
+                                        f"about {remaining:.0f} s left"})
 
     def close(self) -> None:
         for _ in self.ticks:  # ends the bar
@@ -102,8 +104,11 @@ class Calibrate(Stage):
         check_seq_len(calib.seq_len, model)
 
     def summary(self, metadata: dict) -> str:
-        return (f"{metadata['algorithm']} on {metadata['tokens']} tokens; state {human_bytes(metadata['state_bytes'])}"
-                f" ({metadata['state_ratio']:.2%} of the model)")
+        resumed = metadata.get("resumed_at_layer")
+        how = (f", layer by layer{f' (resumed at layer {resumed + 1})' if resumed else ''}"
+               if metadata.get("layerwise") else "")
+        return (f"{metadata['algorithm']} on {metadata['tokens']} tokens{how}; state "
+                f"{human_bytes(metadata['state_bytes'])} ({metadata['state_ratio']:.2%} of the model)")
 
     def run(self, ctx: StageContext) -> dict:
         import torch
