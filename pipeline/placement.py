@@ -17,18 +17,19 @@ from pipeline.errors import BadInput, HostLacks
 log = logging.getLogger(__name__)
 
 PLACEMENT_FIELDS = ("device", "max_memory", "offload_dir")  # where weights live, never what a stage computes
-_DEVICE = re.compile(r"^(cpu|disk|cuda:(\d+))$")
+_DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_max_memory(limits: dict[str, str]) -> dict[str, int]:
-    """{"cuda:0": "70GiB", "cpu": "100GiB"} as bytes per device; unknown device names and sizes are ValueErrors."""
+def parse_max_memory(limits: dict[str, str | int]) -> dict[str, int]:
+    """{"cuda:0": "70GiB", "cpu": "100GiB"} (or plain byte counts) as bytes per device; unknown device names and
+    sizes are ValueErrors."""
     parsed = {}
     for device, size in limits.items():
         if not _DEVICE.match(str(device)):
-            raise ValueError(f"max_memory device '{device}' is not cpu, disk or cuda:N")
+            raise ValueError(f"max_memory device '{device}' is not cpu or cuda:N")
         match = _SIZE.match(str(size))
         if not match:
             raise ValueError(f"max_memory size '{size}' for {device} is not a size like 70GiB or 512MB")

@@ -77,14 +77,14 @@ class ModelSpec(Section):
     allow_pickle: bool = False
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = every visible GPU, spilling to CPU memory then disk; the CPU where none exists")
-    max_memory: dict[str, str] = Field({}, description="memory per device for the weights, e.g. "
+    max_memory: dict[str, str | int] = Field({}, description="memory per device for the weights, e.g. "
                                                        "{cuda:0: 70GiB, cpu: 100GiB}; unset = what each device has")
     offload_dir: str | None = Field(None, description="where weights that fit nowhere else go; none = the cache's "
                                                       "scratch area")
 
     @field_validator("max_memory")
     @classmethod
-    def _known_devices(cls, value: dict[str, str]) -> dict[str, str]:
+    def _known_devices(cls, value: dict[str, str | int]) -> dict[str, str | int]:
         from pipeline.placement import parse_max_memory
 
         parse_max_memory(value)
