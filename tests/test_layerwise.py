@@ -144,3 +144,26 @@ def test_layerwise_auto_is_on_when_the_weights_spill_and_always_for_gptq():
     assert layerwise.wanted("auto", "gptq", spills=False), "gptq's layerwise result differs: never host-dependent"
     assert layerwise.wanted("on", "max", spills=False) and not layerwise.wanted("off", "max", spills=True)
     assert load_recipe("fp8", ["calibration.layerwise=on"]).calibration.layerwise == "on", "YAML's on is a bool"
+
+
+class InterruptAtLayer(runner.Reporter):
+    """Ctrl-C right after ModelOpt committed a layer: the scratch area keeps what a kill would leave."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+
+    def stage_progress(self, stage: str, event: dict) -> None:
+        if event.get("layer") == self.layer:
+            raise KeyboardInterrupt
+
+
+def test_a_weight_changing_algorithm_resumes_to_an_identical_artifact(tiny_llama, tmp_path):  # noqa: F811
+    """AWQ checkpoints whole layers (its rescaled weights), not just amax."""
+    recipe = load_recipe("int4_awq", [f"model.source={tiny_llama}", *SETTINGS, "calibration.layerwise=on"])
+    baseline = runner.run(recipe, ArtifactStore(tmp_path / "baseline"), until="calibrate").outcomes[-1].artifact
+    store = ArtifactStore(tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(recipe, store, until="calibrate", reporter=InterruptAtLayer(3))
+    resumed = runner.run(recipe, store, until="calibrate").outcomes[-1].artifact
+    assert resumed.metadata["resumed_at_layer"] == 3
+    assert files(resumed) == files(baseline)
