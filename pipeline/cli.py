@@ -221,6 +221,13 @@ class ConsoleReporter(runner.Reporter):
             self.progress.remove_task(self.task)
             self.task = None
 
+    def stage_progress(self, stage: str, event: dict) -> None:
+        if self.events:
+            _event({"event": "stage_progress", "recipe": self.recipe, "stage": stage, **event})
+        per_layer = "layer" in event  # on a terminal the bar shows those
+        if "message" in event and (self.lines or (not per_layer and not self.progress.disable)):
+            err.print(f"quantpipe: {self.recipe}: {stage}: {event['message']}")
+
     def track(self, items: Iterable, total: int | None = None, description: str = "") -> Iterable:
         """Items with a bar of their own, removed once they are done: a finished phase leaves no row behind."""
         if total is None and hasattr(items, "__len__"):

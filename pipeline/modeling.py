@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,22 +17,36 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def quiet_libraries() -> None:
-    """Keep transformers from logging below errors."""
+    """Keep transformers (and accelerate's note that offloaded weights are on the meta device) from logging below
+    errors."""
     from transformers.utils import logging as hf_logging
 
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
 
-def load_model(folder: Path, dtype: str = "float32"):
-    """(model, tokenizer) from a load artifact's model directory, in eval mode on CPU."""
+def load_model(folder: Path, dtype: str = "float32", device_map: dict | None = None, offload_dir: Path | None = None):
+    """(model, tokenizer) from a load artifact's model directory, in eval mode: on CPU, or placed by an accelerate
+    `device_map` (pipeline.placement) with weights that fit nowhere else in `offload_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_libraries()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device_map,
+                                                 offload_folder=offload_dir)
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
+
+
+def state_dict(model) -> dict:
+    """model.state_dict() on the CPU: weights accelerate placed on a GPU or offloaded to disk (meta tensors in the
+    model) are read back, one module at a time."""
+    if {str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()} <= {"cpu"}:
+        return model.state_dict()
+    from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+    return get_state_dict_offloaded_model(model)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import pickle
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pipeline import formats
 from pipeline.architectures import family
 from pipeline.errors import BadInput
+from pipeline.modeling import state_dict
 from pipeline.recipe import QuantizationSpec
 
 log = logging.getLogger(__name__)
@@ -186,15 +188,19 @@ def _smoothed(weight, module):
     pqs = getattr(module.input_quantizer, "_pre_quant_scale", None) if hasattr(module, "input_quantizer") else None
     if pqs is None:
         return None
-    inverse = 1.0 / pqs.to(torch.float32)
+    inverse = 1.0 / pqs.to(weight.device, torch.float32)  # the scale may sit on the GPU calibration used
     return (weight * inverse.squeeze()[None, :]).to(weight.dtype)
 
 
 def _canonical(value):
-    """The same value with every string-keyed dict in sorted key order (order carries no meaning in them)."""
+    """The same value with every string-keyed dict in sorted key order (order carries no meaning in them), and
+    equal strings one object: pickle writes a repeated object as a back-reference, so which equal strings share an
+    object (a state resumed from layer checkpoints shares fewer) must not change the bytes."""
+    if isinstance(value, str):
+        return sys.intern(value)
     if isinstance(value, dict):
         items = sorted(value.items()) if all(isinstance(k, str) for k in value) else value.items()
-        return {k: _canonical(v) for k, v in items}
+        return {_canonical(k): _canonical(v) for k, v in items}
     if isinstance(value, (list, tuple)):
         return type(value)(_canonical(v) for v in value)
     return value
@@ -203,7 +209,7 @@ def _canonical(value):
 def weight_digests(model) -> dict[str, bytes]:
     """A digest of every tensor before calibration: save_calibration then finds what calibration changed without
     reading the original weights a second time (that read doubled the stage's peak memory)."""
-    return {name: _digest(tensor) for name, tensor in model.state_dict().items()}
+    return {name: _digest(tensor) for name, tensor in state_dict(model).items()}
 
 
 def _digest(tensor) -> bytes:
@@ -224,7 +230,7 @@ def save_calibration(model, original_weights, out, before: dict[str, bytes]) -> 
 
     _, mto = modelopt()
     changed, rescaled = {}, []
-    state = model.state_dict()
+    state = state_dict(model)
     with safe_open(original_weights, "pt") as original:
         known = set(original.keys())
         # A tied weight (lm_head sharing the embedding) is saved once under the other name.

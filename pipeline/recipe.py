@@ -35,6 +35,20 @@ class ModelSpec(Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = every visible GPU, spilling to CPU memory then disk; the CPU where none exists")
+    max_memory: dict[str, str | int] = Field({}, description="memory per device for the weights, e.g. "
+                                                       "{cuda:0: 70GiB, cpu: 100GiB}; unset = what each device has")
+    offload_dir: str | None = Field(None, description="where weights that fit nowhere else go; none = the cache's "
+                                                      "scratch area")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _known_devices(cls, value: dict[str, str | int]) -> dict[str, str | int]:
+        from pipeline.placement import parse_max_memory
+
+        parse_max_memory(value)
+        return value
 
 
 class TargetSpec(Section):
@@ -97,6 +111,15 @@ class CalibrationSpec(Section):
     seq_len: int = Field(256, gt=0)
     batch_size: int = Field(4, gt=0)
     seed: int = 0
+    layerwise: Literal["auto", "on", "off"] = Field(
+        "auto", description="calibrate one decoder layer at a time, resumable mid-stage; auto = on when the "
+                            "weights do not fit on the calibration device (and always for gptq)")
+
+    @field_validator("layerwise", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads a bare on/off as a boolean."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class ExportSpec(Section):

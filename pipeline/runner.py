@@ -70,6 +70,9 @@ class Reporter:
     def track(self, items: Iterable, total: int | None = None, description: str = "") -> Iterable:
         return items
 
+    def stage_progress(self, stage: str, event: dict) -> None:
+        """Progress inside a stage (a finished layer); `event["message"]`, when present, is for people."""
+
 
 def _index(stages: tuple[Stage, ...], name: str) -> int:
     names = [s.name for s in stages]
@@ -174,7 +177,8 @@ def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str
             tool_cache = store.root / "tools" / name
             tool_cache.mkdir(parents=True, exist_ok=True)
             reused = store.link_parts(name, parts, out, facts=stage.Facts)
-            ctx = StageContext(recipe, step.record.params, inputs, out, tool_cache, reporter.track, reused)
+            ctx = StageContext(recipe, step.record.params, inputs, out, tool_cache, reporter.track, reused,
+                               store.scratch_for(name, step.key), lambda event: reporter.stage_progress(name, event))
             with host.PeakMemory() as peak:
                 produced = stage.run(ctx)
             # store.write puts the record in the manifest after build

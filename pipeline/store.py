@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+SCRATCH_PREFIX = ".scratch-"  # a stage's resumable work (per-layer calibration checkpoints), kept across kills
 NOT_STAGES = ("runs", "tools")  # run records and builder caches live beside the stage directories
 
 
@@ -93,6 +94,11 @@ class ArtifactStore:
 
     def path_for(self, stage: str, key: str) -> Path:
         return self.root / stage / key
+
+    def scratch_for(self, stage: str, key: str) -> Path:
+        """Where a stage building `key` keeps work a killed run can resume from: tied to the key, so another
+        recipe or model never sees it, and removed when the artifact commits."""
+        return self.root / stage / f"{SCRATCH_PREFIX}{key}"
 
     def digest(self, path: Path) -> str:
         """sha256 of a file's content, memoised by path, size and mtime: big weights are hashed once."""
@@ -231,6 +237,7 @@ class ArtifactStore:
                 self._discard(final)
             os.rename(tmp, final)
             fsync(stage_dir)
+            self._discard(self.scratch_for(stage, key))
             if self.remote:
                 self.remote.push(stage, key, final, manifest)
         except BaseException as exc:
@@ -312,6 +319,20 @@ class ArtifactStore:
                 stale.append(tmp)
         return stale
 
+    def orphan_scratch(self, older_than_s: float | None) -> list[Path]:
+        """Scratch areas no live writer holds whose artifact committed (a kill after the commit), or that nobody
+        resumed within `older_than_s`. A fresh one is kept: it is what the next run resumes from."""
+        now = time.time()
+        orphans = []
+        for scratch in self.root.glob(f"*/{SCRATCH_PREFIX}*"):
+            stage, key = scratch.parent.name, scratch.name[len(SCRATCH_PREFIX):]
+            if self._is_locked(self.root / ".locks" / f"{stage}-{key}.lock"):
+                continue
+            stale = older_than_s is not None and now - scratch.stat().st_mtime > older_than_s
+            if stale or self.path_for(stage, key).is_dir():
+                orphans.append(scratch)
+        return orphans
+
     @staticmethod
     def _is_locked(lock_path: Path) -> bool:
         try:
@@ -375,7 +396,8 @@ def gc(store: ArtifactStore, *, older_than_s: float | None, max_bytes: int | Non
        dry_run: bool = False) -> list[Artifact]:
     """Remove artifacts unused for `older_than_s`, then least recently used ones until the store fits `max_bytes`.
 
-    Keys in `keep` (what engines/ publishes) are never removed. Stale temporaries are always swept.
+    Keys in `keep` (what engines/ publishes) are never removed. Stale temporaries and orphaned scratch areas
+    (`ArtifactStore.orphan_scratch`) are always swept.
     """
     now = time.time()
     candidates = sorted((a for a in store.artifacts() if a.key not in keep), key=lambda a: a.path.stat().st_mtime)
@@ -391,7 +413,7 @@ def gc(store: ArtifactStore, *, older_than_s: float | None, max_bytes: int | Non
     if not dry_run:
         for artifact in doomed:
             store.remove(artifact)
-        for tmp in store.stale_temporaries():
+        for tmp in [*store.stale_temporaries(), *store.orphan_scratch(older_than_s)]:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(store.root / ".trash", ignore_errors=True)
     return doomed

@@ -4,6 +4,7 @@ import pytest
 
 from pipeline import host
 from pipeline.backends.trtllm import trtllm_version
+from tests.tiny_llama import tiny_llama  # noqa: F401
 
 GPUS = host.gpus()
 needs_trtllm = pytest.mark.skipif(not GPUS or trtllm_version() is None,
@@ -54,3 +55,57 @@ def test_tensorrt_rtx_engine_runs_and_is_verified_on_its_gpu(run_preset):
     assert verify["engine_run"] is not None, verify["engine"]
     assert verify["engine_run"]["tokens_per_second"] > 0 and verify["engine_run"]["kv_cache_steps_match"] == 1.0
     assert "ran on" in verify["engine"]
+
+
+needs_gpu = pytest.mark.skipif(not GPUS, reason="needs an NVIDIA GPU (nvidia-smi finds none)")
+HOPPER_FORMATS = ("fp8", "int8_sq", "int4_awq", "w4a8_awq")
+
+
+def _calibrate_tiny(folder, cache, fmt: str, *overrides: str) -> dict:
+    from pipeline import runner
+    from pipeline.recipe import load_recipe
+    from pipeline.store import ArtifactStore
+    from tests.tiny_llama import SETTINGS
+
+    recipe = load_recipe(fmt, [f"model.source={folder}", *SETTINGS, "target=hopper", *overrides])
+    return {o.stage: o.artifact for o in runner.run(recipe, ArtifactStore(cache), until="quantize").outcomes}
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_auto_placement_puts_every_layer_on_the_gpu(tiny_llama):  # noqa: F811
+    from pipeline import placement
+    from pipeline.recipe import ModelSpec
+
+    placed = placement.plan(tiny_llama, ModelSpec())
+    assert (placed.kind, placed.layers, placed.spills) == ("cuda", {"cuda:0": 6}, False)
+    capped = placement.plan(tiny_llama, ModelSpec(max_memory={"cuda:0": "600KB"}))
+    assert capped.spills and capped.layers.get("cpu", 0) > 0, "what the GPU cannot hold goes to CPU memory"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("fmt", HOPPER_FORMATS)
+def test_cuda_calibration_of_each_hopper_format(tiny_llama, tmp_path, fmt):  # noqa: F811
+    artifacts = _calibrate_tiny(tiny_llama, tmp_path / "cache", fmt, "model.device=cuda")
+    calibrated = artifacts["calibrate"]
+    assert calibrated.manifest["environment"]["device"] == "cuda"
+    assert calibrated.metadata["placement"]["layers"] == {"cuda:0": 6}
+    assert (artifacts["quantize"] / "checkpoint" / "hf_quant_config.json").is_file()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int4_awq"])
+def test_cuda_and_cpu_calibrations_are_keyed_apart_and_agree(tiny_llama, tmp_path, fmt):  # noqa: F811
+    import torch
+    from safetensors.torch import load_file
+
+    cpu = _calibrate_tiny(tiny_llama, tmp_path / "cache", fmt, "model.device=cpu")["calibrate"]
+    cuda = _calibrate_tiny(tiny_llama, tmp_path / "cache", fmt, "model.device=cuda")["calibrate"]
+    assert cpu.key != cuda.key, "kernels round differently: one device kind's calibration never serves the other"
+    on_cpu, on_cuda = (load_file(a / "calibration.safetensors") for a in (cpu, cuda))
+    amax = sorted(name for name in on_cpu if name.endswith("_amax"))
+    assert amax and amax == sorted(name for name in on_cuda if name.endswith("_amax"))
+    for name in amax:
+        torch.testing.assert_close(on_cuda[name], on_cpu[name], rtol=2e-2, atol=1e-4, msg=name)

@@ -23,6 +23,10 @@ def _no_progress(items: Iterable[T], total: int | None = None, description: str 
     return items
 
 
+def _no_report(event: dict) -> None:
+    pass
+
+
 @dataclass
 class StageContext:
     recipe: Recipe
@@ -34,6 +38,8 @@ class StageContext:
     # Parts (Stage.parts) an intact artifact of this stage already held under the same part key, already linked
     # into `out` by the runner: part name -> that artifact, whose facts describe the part.
     reused: dict[str, Artifact] = field(default_factory=dict)
+    scratch: Path | None = None  # resumable work tied to this key (ArtifactStore.scratch_for), kept across kills
+    report: Callable[[dict], None] = field(default=_no_report)  # progress events (a finished layer) for schedulers
 
     def input(self, stage: str) -> Artifact:
         return self.inputs[stage]

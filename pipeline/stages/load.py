@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline import architectures
 from pipeline.errors import BadInput
 from pipeline.modeling import quiet_libraries
+from pipeline.placement import PLACEMENT_FIELDS
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Facts, Stage, StageContext
 from pipeline.store import ArtifactStore
@@ -106,7 +107,8 @@ class Load(Stage):
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         source = resolve_source(recipe)
-        return {**super().params(recipe, store), "weights": self._fingerprint(source, recipe, store)}
+        model = {k: v for k, v in recipe.field("model").items() if k not in PLACEMENT_FIELDS}  # not what is loaded
+        return {"model": model, "weights": self._fingerprint(source, recipe, store)}
 
     @staticmethod
     def _fingerprint(source: ModelSource, recipe: Recipe, store: ArtifactStore) -> str:
