@@ -7,6 +7,7 @@ import json
 
 from pipeline.fmt import human_bytes
 from pipeline.stages.base import Stage, StageContext
+from pipeline.state import MODEL_STATE
 
 CHECKPOINT = "checkpoint"
 LAYERS = "layers.json"
@@ -15,7 +16,7 @@ LAYERS = "layers.json"
 class Quantize(Stage):
     name = "quantize"
     version = "1"
-    inputs = ("load", "calibrate")
+    inputs = ("load", *MODEL_STATE)
     fields = ("export.dtype",)
     libraries = ("torch", "transformers", "nvidia-modelopt")
 
@@ -26,12 +27,11 @@ class Quantize(Stage):
     def run(self, ctx: StageContext) -> dict:
         import torch
 
-        from pipeline.modeling import load_model
-        from pipeline.quant import export_unified, layer_errors, restore_calibration
+        from pipeline.quant import export_unified, layer_errors
+        from pipeline.state import restore_model
 
-        loaded, calibrated = ctx.input("load"), ctx.input("calibrate")
-        model, _ = load_model(loaded / "model")
-        restore_calibration(model, calibrated.path)
+        loaded = ctx.input("load")
+        model, _ = restore_model(ctx.inputs)
         errors = layer_errors(model)
         (ctx.out / LAYERS).write_text(json.dumps(errors, indent=2))
         export_unified(model, getattr(torch, ctx.recipe.export.dtype), ctx.out / CHECKPOINT)
