@@ -209,6 +209,10 @@ class ConsoleReporter(runner.Reporter):
             _event({"event": "stage_start", "recipe": self.recipe, "stage": step.stage.name, "key": step.key,
                     "status": "hit" if step.hit else "miss", "reasons": step.reasons})
 
+    def stage_progress(self, step: runner.Step, event: dict) -> None:
+        if self.events:
+            _event({"event": "stage_progress", "recipe": self.recipe, "stage": step.stage.name, **event})
+
     def stage_finished(self, outcome: runner.Outcome) -> None:
         if self.events:
             _event({"event": "stage_end", "recipe": self.recipe, **outcome.to_json()})

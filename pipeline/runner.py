@@ -73,6 +73,8 @@ class Reporter:
 
     def stage_finished(self, outcome: Outcome) -> None: ...
 
+    def stage_progress(self, step: Step, event: dict) -> None: ...
+
     def track(self, items: Iterable, total: int | None = None, description: str = "") -> Iterable:
         return items
 
@@ -181,7 +183,8 @@ def _build(step: Step, recipe: Recipe, store: ArtifactStore, artifacts: dict[str
         def build(out: Path) -> dict:
             tool_cache = store.root / "tools" / name
             tool_cache.mkdir(parents=True, exist_ok=True)
-            ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track, store)
+            ctx = StageContext(recipe, step.record["params"], inputs, out, tool_cache, reporter.track, store, step.key,
+                               lambda event: reporter.stage_progress(step, event))
             with host.PeakMemory() as peak:
                 metadata = step.stage.run(ctx)
             manifest_record["peak_rss_bytes"] = peak.bytes  # store.write puts the record in the manifest after build

@@ -29,6 +29,8 @@ class StageContext:
     tool_cache: Path  # persists across builds (e.g. TensorRT timing caches): speed only, never an input's identity
     track: Callable[..., Iterable] = field(default=_no_progress)
     store: ArtifactStore | None = None  # for stages that reuse verified parts of other artifacts of their own kind
+    key: str = ""  # this artifact's key: names scratch space a killed build resumes from (fine-tuning checkpoints)
+    report: Callable[[dict], None] = field(default=lambda event: None)  # progress facts (--json stage_progress)
 
     def input(self, stage: str) -> Artifact:
         return self.inputs[stage]
