@@ -69,6 +69,7 @@ class Finetune(Stage):
         optimizer = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=0.0)
         scratch = ctx.tool_cache / ctx.key[:16]
         losses = resume(scratch, params, optimizer)
+        resumed_from = len(losses)
         if losses:
             log.info("finetune: resuming at step %d of %d from %s", len(losses), spec.steps, scratch)
         model.train()
@@ -91,8 +92,8 @@ class Finetune(Stage):
         (ctx.out / LOSSES).write_text(json.dumps({"loss_per_step": losses}))
         shutil.rmtree(scratch, ignore_errors=True)
         return {"method": spec.method, "steps": spec.steps, "tokens": spec.steps * spec.batch_size * spec.seq_len,
-                "first_loss": losses[0], "last_loss": losses[-1], "seconds": round(time.time() - started, 1),
-                "cpu_seconds": round(time.process_time() - cpu_started, 1),
+                "first_loss": losses[0], "last_loss": losses[-1], "resumed_from_step": resumed_from,
+                "seconds": round(time.time() - started, 1), "cpu_seconds": round(time.process_time() - cpu_started, 1),
                 "weights_bytes": saved}
 
 
