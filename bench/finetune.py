@@ -9,15 +9,16 @@ the HF checkpoint is exported and verified (no ONNX or engine), which is where t
 """
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import runner  # noqa: E402
-from pipeline.recipe import load_recipe  # noqa: E402
-from pipeline.store import ArtifactStore  # noqa: E402
+from pipeline import runner
+from pipeline.recipe import load_recipe
+from pipeline.store import ArtifactStore
 
 
 def measure(preset: str, overrides: list[str], store: ArtifactStore) -> dict:
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="held-out evaluation tokens")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # fine-tuning steps, losses
     store = ArtifactStore(args.cache_dir or ArtifactStore.default_root())
     common = [f"calibration.samples={args.samples}", f"calibration.seq_len={args.seq_len}",
               f"verify.tokens={args.tokens}", "export.formats=[hf]", "build.backend=none"]

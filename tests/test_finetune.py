@@ -18,10 +18,11 @@ from pipeline.recipe import load_recipe
 from pipeline.state import FINETUNED_FILE, replay
 from pipeline.store import ArtifactStore
 from tests.faults import fingerprint, quantpipe
-from tests.test_bad_input import assert_one_line_error, quantpipe as quantpipe_cli, set_args
+from tests.test_bad_input import assert_one_line_error, set_args
+from tests.test_bad_input import quantpipe as quantpipe_cli
 
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False)
+TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512, "tie_word_embeddings": False}
 SMALL = ["calibration.samples=2", "calibration.seq_len=32", "calibration.batch_size=2", "export.formats=[hf]",
          "build.backend=none", "finetune.seq_len=32", "finetune.batch_size=2", "finetune.lr=1e-3",
          "finetune.checkpoint_every=2", "verify.tokens=128", "verify.seq_len=64", "verify.max_new_tokens=4",
@@ -148,3 +149,14 @@ def test_finetune_runs_only_when_the_recipe_asks_for_it(tmp_path):
     tuned = {s.stage.name: s.key for s in runner.plan(load_recipe("fp8", ["finetune.method=qat"]), store)}
     assert "finetune" not in plain and "finetune" in tuned
     assert tuned["calibrate"] == plain["calibrate"] and tuned["quantize"] != plain["quantize"]
+
+
+def test_spellings_of_the_same_training_share_a_key(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def key(*overrides):
+        steps = runner.plan(load_recipe("fp8", ["finetune.method=qat", *overrides]), store)
+        return next(s.key for s in steps if s.stage.name == "finetune")
+
+    assert key() == key("finetune.dataset=calib") == key("finetune.checkpoint_every=3")
+    assert key() != key("finetune.steps=7")

@@ -40,7 +40,11 @@ class Finetune(Stage):
         return recipe.finetune.method is not None
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
-        return {**super().params(recipe, store), "data": data.fingerprint(training_dataset(recipe), store)}
+        """The training fields with the dataset resolved (absent = calibration's, so both spellings share a key),
+        less the checkpoint interval, which changes nothing the stage makes."""
+        spec = {**recipe.field("finetune"), "dataset": training_dataset(recipe)}
+        del spec["checkpoint_every"]
+        return {"finetune": spec, "data": data.fingerprint(spec["dataset"], store)}
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
         dataset = training_dataset(recipe)
@@ -60,7 +64,6 @@ class Finetune(Stage):
         from pipeline.state import restore_model, save_finetune, trainable
 
         spec = ctx.recipe.finetune
-        torch.manual_seed(spec.seed)
         model, tokenizer = restore_model(ctx.inputs)  # the calibrated model: quantizers in place
         check_seq_len(spec.seq_len, ctx.input("load").metadata)
         windows = training_windows(tokenizer, training_dataset(ctx.recipe), spec.seq_len, spec.batch_size)
