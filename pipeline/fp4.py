@@ -16,7 +16,7 @@ def fake_quant(inputs, quantizer):
     if torch.onnx.is_in_onnx_export():
         static = getattr(quantizer, "_onnx_quantizer_type", None) == "static"
         return (Fp4WeightOnnx if static else Fp4Onnx).apply(inputs, block, float(amax))
-    return nvfp4_qdq(inputs, block, amax)
+    return Fp4StraightThrough.apply(inputs, block, amax)
 
 
 def nvfp4_qdq(inputs, block: int, amax):
@@ -26,6 +26,19 @@ def nvfp4_qdq(inputs, block: int, amax):
     packed, scale, scale_2 = NVFP4QTensor.quantize(inputs, block, weights_scaling_factor_2=scale_2)
     output = packed.dequantize(dtype=inputs.dtype, scale=scale, double_scale=scale_2, block_sizes={-1: block})
     return output.reshape(inputs.shape)
+
+
+class Fp4StraightThrough(torch.autograd.Function):
+    """NVFP4 quantize-dequantize whose gradient passes straight through (the rounding has none), so quantization-
+    aware fine-tuning trains through the CPU backend. The forward is exactly nvfp4_qdq's."""
+
+    @staticmethod
+    def forward(ctx, inputs, block, amax):
+        return nvfp4_qdq(inputs, block, amax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 def _fp4_forward(ctx, inputs, block, amax):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline import genai, host
 from pipeline.errors import BadInput, HostLacks
+from pipeline.state import MODEL_STATE, replay
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -201,14 +202,13 @@ class FakeQuantizedPyTorch:
     name = "pytorch"
 
     def missing(self, deployment: Deployment) -> str | None:
-        return None if _cached_model(deployment, "calibrate") else (
-            "the load and calibrate artifacts are not in this cache (--cache-dir)")
+        absent = [stage for stage in ("load", *MODEL_STATE)
+                  if stage in deployment.keys and not _cached_model(deployment, stage)]
+        return f"the {' and '.join(absent)} artifacts are not in this cache (--cache-dir)" if absent else None
 
     def load(self, deployment: Deployment) -> Generate:
-        from pipeline.quant import restore_calibration
-
         model = load_unquantized(deployment)
-        restore_calibration(model, _cached_model(deployment, "calibrate"))
+        replay(model, {stage: _cached_model(deployment, stage) for stage in MODEL_STATE if stage in deployment.keys})
         return functools.partial(_torch_greedy, model)
 
 

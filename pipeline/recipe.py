@@ -122,6 +122,20 @@ class CalibrationSpec(Section):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+class FinetuneSpec(Section):
+    method: Literal["qat", "qad"] | None = Field(
+        None, description="none = no fine-tuning; qat = train the weights with the quantizers in place; qad = the "
+                          "same, distilling from the unquantized model")
+    steps: int = Field(100, gt=0, description="optimizer steps")
+    lr: float = Field(1e-5, gt=0.0)
+    dataset: str | None = Field(None, description="training text; none = calibration.dataset (never the "
+                                                  "evaluation set)")
+    seq_len: int = Field(256, gt=0)
+    batch_size: int = Field(4, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(10, gt=0, description="steps between resumable checkpoints")
+
+
 class ExportSpec(Section):
     formats: tuple[Literal["trtllm", "hf", "onnx"], ...] = Field(
         ("hf",), description="none given = hf plus the export the build backend builds from (filled in); trtllm "
@@ -193,6 +207,7 @@ class Recipe(Section):
     target: TargetSpec = TargetSpec()
     quantization: QuantizationSpec = QuantizationSpec()
     calibration: CalibrationSpec = CalibrationSpec()
+    finetune: FinetuneSpec = FinetuneSpec()
     export: ExportSpec = ExportSpec()
     build: BuildSpec = BuildSpec()
     verify: VerifySpec = VerifySpec()

@@ -7,11 +7,12 @@ from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.build import Build
 from pipeline.stages.calibrate import Calibrate
 from pipeline.stages.export import Export
+from pipeline.stages.finetune import Finetune
 from pipeline.stages.load import Load
 from pipeline.stages.quantize import Quantize
 from pipeline.stages.verify import Verify
 
-STAGES: tuple[Stage, ...] = (Load(), Calibrate(), Quantize(), Export(), Build(), Verify())
+STAGES: tuple[Stage, ...] = (Load(), Calibrate(), Finetune(), Quantize(), Export(), Build(), Verify())
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 

@@ -19,6 +19,7 @@ from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Facts, Stage, StageContext
 from pipeline.stages.quantize import CHECKPOINT
+from pipeline.state import MODEL_STATE
 from pipeline.files import link_tree
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Export(Stage):
     # 2: ONNX Runtime GenAI layout and genai_config.json; 3: cards say what loads each export; 4: part keys and
     # reused parts are the runner's (manifest fields), no longer in the metadata
     version = "4"
-    inputs = ("load", "calibrate", "quantize")
+    inputs = ("load", *MODEL_STATE, "quantize")
     fields = ("export",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnx-graphsurgeon")
     Facts = ExportFacts
@@ -99,9 +100,9 @@ class Export(Stage):
             if fmt == "hf":
                 link_tree(quantized / CHECKPOINT, target)
             elif fmt == "trtllm":
-                _export_trtllm(loaded.path / "model", calibrated.path, target, spec)
+                _export_trtllm(ctx.inputs, target, spec)
             else:
-                details = _export_onnx(loaded.path / "model", calibrated.path, target)
+                details = _export_onnx(ctx.inputs, target)
             for name in TOKENIZER_FILES:
                 if (loaded / "model" / name).is_file() and not (target / name).exists():
                     shutil.copy2(loaded / "model" / name, target / name)
@@ -138,24 +139,22 @@ def _check_parallelism(model: dict, tp: int, pp: int) -> None:
         raise BadInput(f"export.pp {pp} exceeds the model's {model['num_layers']} layers; lower it")
 
 
-def _export_trtllm(model_dir: Path, calibration: Path, target: Path, spec) -> None:
+def _export_trtllm(inputs: dict, target: Path, spec) -> None:
     import torch
 
-    from pipeline.modeling import load_model
-    from pipeline.quant import export_trtllm, restore_calibration
+    from pipeline.quant import export_trtllm
+    from pipeline.state import restore_model
 
-    model, _ = load_model(model_dir)
-    restore_calibration(model, calibration)
+    model, _ = restore_model(inputs)
     export_trtllm(model, getattr(torch, spec.dtype), target, spec.tp, spec.pp)
 
 
-def _export_onnx(model_dir: Path, calibration: Path, target: Path) -> dict:
+def _export_onnx(inputs: dict, target: Path) -> dict:
     from pipeline import genai, onnx_export
-    from pipeline.modeling import load_model
-    from pipeline.quant import library_prints, restore_calibration
+    from pipeline.quant import library_prints
+    from pipeline.state import restore_model
 
-    model, _ = load_model(model_dir)
-    restore_calibration(model, calibration)
+    model, _ = restore_model(inputs)
     target.mkdir(parents=True)
     with library_prints():
         details = onnx_export.export(model, target / ONNX_FILE)

@@ -7,6 +7,7 @@ import json
 
 from pipeline.fmt import human_bytes
 from pipeline.stages.base import Facts, Stage, StageContext
+from pipeline.state import MODEL_STATE
 
 CHECKPOINT = "checkpoint"
 LAYERS = "layers.json"
@@ -25,7 +26,7 @@ class QuantizeFacts(Facts):
 class Quantize(Stage):
     name = "quantize"
     version = "1"
-    inputs = ("load", "calibrate")
+    inputs = ("load", *MODEL_STATE)
     fields = ("export.dtype",)
     libraries = ("torch", "transformers", "nvidia-modelopt")
     Facts = QuantizeFacts
@@ -37,12 +38,11 @@ class Quantize(Stage):
     def run(self, ctx: StageContext) -> QuantizeFacts:
         import torch
 
-        from pipeline.modeling import load_model
-        from pipeline.quant import export_unified, layer_errors, restore_calibration
+        from pipeline.quant import export_unified, layer_errors
+        from pipeline.state import restore_model
 
-        loaded, calibrated = ctx.input("load"), ctx.input("calibrate")
-        model, _ = load_model(loaded / "model")
-        restore_calibration(model, calibrated.path)
+        loaded = ctx.input("load")
+        model, _ = restore_model(ctx.inputs)
         errors = layer_errors(model)
         (ctx.out / LAYERS).write_text(json.dumps(errors, indent=2))
         export_unified(model, getattr(torch, ctx.recipe.export.dtype), ctx.out / CHECKPOINT)

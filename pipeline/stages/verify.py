@@ -13,6 +13,7 @@ from pipeline import contracts, data, formats, lmeval
 from pipeline.errors import BadInput
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
+from pipeline.state import MODEL_STATE, replay
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def thresholds(recipe: Recipe) -> dict:
 class Verify(Stage):
     name = "verify"
     version = "5"  # 4: lm-eval tasks; 5: the HF checkpoint is checked against the serving engines' loader contracts
-    inputs = ("load", "calibrate", "export", "build")  # build only when the recipe has a backend
+    inputs = ("load", *MODEL_STATE, "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors", "lm-eval")
 
@@ -62,14 +63,14 @@ class Verify(Stage):
     def run(self, ctx: StageContext) -> dict:
         from pipeline import evaluate, report
         from pipeline.modeling import load_model
-        from pipeline.quant import fold_weight_quantization, modelopt, restore_calibration
+        from pipeline.quant import fold_weight_quantization, modelopt
 
         recipe, spec, limits = ctx.recipe, ctx.recipe.verify, ctx.params["thresholds"]
-        loaded, calibrated, exported = ctx.input("load"), ctx.input("calibrate"), ctx.input("export")
+        loaded, exported = ctx.input("load"), ctx.input("export")
         original, tokenizer = load_model(loaded / "model")
         windows = evaluate.eval_windows(tokenizer, data.load_documents(spec.dataset), spec.tokens, spec.seq_len)
         quantized, _ = load_model(loaded / "model")
-        restore_calibration(quantized, calibrated.path)
+        replay(quantized, ctx.inputs)
         folded = fold_weight_quantization(quantized)
         tolerance = formats.get(recipe.quantization.format).layer_tolerance
         on = evaluate.describe_windows(windows)

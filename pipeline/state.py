@@ -1,0 +1,55 @@
+"""Model state replay: the model a downstream stage works on is the loaded model with every upstream state-changing
+artifact put back onto it, in pipeline order (the calibration, then an optional fine-tuning). Stages that need the
+model list MODEL_STATE among their inputs and call `restore_model`, so a new state-changing stage is added here once
+and nobody downstream can skip it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+MODEL_STATE = ("calibrate", "finetune")  # pipeline order, which is replay order
+FINETUNED_FILE = "finetuned.safetensors"
+
+
+def restore_finetune(model, folder) -> None:
+    """Put a fine-tuning artifact's trained weights back onto a calibrated model."""
+    from safetensors.torch import load_file
+
+    result = model.load_state_dict(load_file(folder / FINETUNED_FILE), strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"fine-tuned weights do not fit this model: {result.unexpected_keys[:3]}")
+
+
+def save_finetune(model, out: Path) -> int:
+    """The trained weights (every parameter that is not quantizer state), as a replayable artifact; returns bytes."""
+    from safetensors.torch import save_file
+
+    tensors = {name: p.detach().contiguous() for name, p in trainable(model)}
+    save_file(tensors, out / FINETUNED_FILE)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def trainable(model) -> list:
+    """(name, parameter) pairs fine-tuning trains: the weights, not the calibrated quantizer ranges (as ModelOpt's
+    QAT keeps amax fixed); tied parameters appear once."""
+    return [(name, p) for name, p in model.named_parameters() if "quantizer" not in name]
+
+
+def replay(model, inputs: Mapping):
+    """Apply every state-changing artifact among `inputs` (stage -> artifact or folder) to `model`, in order."""
+    from pipeline.quant import restore_calibration
+
+    restorers = {"calibrate": restore_calibration, "finetune": restore_finetune}
+    for stage in MODEL_STATE:
+        if stage in inputs:
+            restorers[stage](model, inputs[stage])
+    return model
+
+
+def restore_model(inputs: Mapping):
+    """(model, tokenizer): the load artifact's model with every upstream state replayed onto it."""
+    from pipeline.modeling import load_model
+
+    model, tokenizer = load_model(inputs["load"] / "model")
+    return replay(model, inputs), tokenizer
