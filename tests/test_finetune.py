@@ -116,7 +116,8 @@ def test_a_killed_finetune_resumes_from_its_checkpoint_to_identical_artifacts(ti
     cache = tmp_path / "cache"
     proc = quantpipe(args, cache)
     deadline = time.time() + 600
-    while not any((cache / "tools" / "finetune").glob("*/checkpoint.pt")) and time.time() < deadline:
+    scratch = ArtifactStore(cache).scratch_for("finetune", expected.key)
+    while not (scratch / "checkpoint.pt").exists() and time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -128,7 +129,7 @@ def test_a_killed_finetune_resumes_from_its_checkpoint_to_identical_artifacts(ti
     assert resumed.metadata["resumed_from_step"] > 0
     assert fingerprint(ArtifactStore(cache))[f"finetune/{expected.key}"] == fingerprint(real_store)[
         f"finetune/{expected.key}"]
-    assert not any((cache / "tools" / "finetune").iterdir()), "the scratch checkpoints are removed once it is done"
+    assert not scratch.exists(), "the scratch checkpoints are removed once it is done"
 
 
 @pytest.mark.parametrize("steps", [0, -3])
