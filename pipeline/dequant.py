@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from pipeline.modeling import weight_files
+
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -80,8 +82,9 @@ def dequantize_weight(algo: str, weight: torch.Tensor, scale: torch.Tensor, scal
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, one file or shards with an index."""
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in sorted(set(weight_files(folder).values())):
         tensors.update(load_file(file))
     return tensors
 

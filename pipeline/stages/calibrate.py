@@ -45,7 +45,7 @@ def check_seq_len(seq_len: int, model: dict) -> None:
 
 class Calibrate(Stage):
     name = "calibrate"
-    version = "1"
+    version = "2"  # 2: calibrates in the stored dtype (bf16 models were upcast to fp32 before)
     inputs = ("load",)
     fields = ("quantization", "calibration")
     libraries = ("torch", "transformers", "nvidia-modelopt")
@@ -102,12 +102,13 @@ class Calibrate(Stage):
         with library_prints(on_line=announce):
             mtq.quantize(model, plan.config, forward_loop)
         seconds = time.time() - started
-        saved = save_calibration(model, loaded / "model" / "model.safetensors", ctx.out, before)
+        saved = save_calibration(model, loaded / "model", ctx.out, before)
         (ctx.out / "plan.json").write_text(json.dumps(
             {"config": plan.config, "decisions": plan.decisions, "quantized_layers": plan.quantized_layers,
              "excluded_layers": plan.excluded_layers}, indent=2, default=str))
         model_bytes = loaded.metadata["weights_bytes"]
         return {"format": spec.format, "algorithm": spec.algorithm, "kv_cache": spec.kv_cache,
+                "model_dtype": str(model.dtype).removeprefix("torch."),
                 "block_size": plan.block_size, "decisions": plan.decisions,
                 "quantized_layers": len(plan.quantized_layers), "excluded_layers": len(plan.excluded_layers),
                 "tokens": int(windows.numel()), "calibration_seconds": round(seconds, 2),

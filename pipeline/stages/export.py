@@ -144,7 +144,7 @@ def _export_onnx(model_dir: Path, calibration: Path, target: Path) -> dict:
     from pipeline.modeling import load_model
     from pipeline.quant import library_prints, restore_calibration
 
-    model, _ = load_model(model_dir)
+    model, _ = load_model(model_dir, dtype="float32")  # the decoder graph computes in fp32 (inputs, caches, logits)
     restore_calibration(model, calibration)
     target.mkdir(parents=True)
     with library_prints():

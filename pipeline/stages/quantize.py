@@ -14,9 +14,9 @@ LAYERS = "layers.json"
 
 class Quantize(Stage):
     name = "quantize"
-    version = "1"
+    version = "2"  # 2: the checkpoint is sharded at export.max_shard_size
     inputs = ("load", "calibrate")
-    fields = ("export.dtype",)
+    fields = ("export.dtype", "export.max_shard_size")
     libraries = ("torch", "transformers", "nvidia-modelopt")
 
     def summary(self, metadata: dict) -> str:
@@ -32,11 +32,13 @@ class Quantize(Stage):
         loaded, calibrated = ctx.input("load"), ctx.input("calibrate")
         model, _ = load_model(loaded / "model")
         restore_calibration(model, calibrated.path)
+        model_dtype = str(model.dtype).removeprefix("torch.")  # before export casts it to export.dtype
         errors = layer_errors(model)
         (ctx.out / LAYERS).write_text(json.dumps(errors, indent=2))
-        export_unified(model, getattr(torch, ctx.recipe.export.dtype), ctx.out / CHECKPOINT)
+        spec = ctx.recipe.export
+        export_unified(model, getattr(torch, spec.dtype), ctx.out / CHECKPOINT, spec.max_shard_size)
         weights = sum(p.stat().st_size for p in (ctx.out / CHECKPOINT).glob("*.safetensors"))
         fp16_bytes = loaded.metadata["parameters"] * 2
-        return {"quantized_layers": len(errors), "checkpoint_bytes": weights, "fp16_bytes": fp16_bytes,
-                "size_ratio_fp16": weights / fp16_bytes,
+        return {"quantized_layers": len(errors), "model_dtype": model_dtype, "checkpoint_bytes": weights,
+                "fp16_bytes": fp16_bytes, "size_ratio_fp16": weights / fp16_bytes,
                 "worst_layer_error": max((e["relative_error"] for e in errors), default=0.0)}
