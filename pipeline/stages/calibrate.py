@@ -76,6 +76,10 @@ class Calibrate(Stage):
         windows = data.token_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
         plan = plan_quantization(spec, model)
         batches = list(torch.split(windows, calib.batch_size))
+        # The logits (batch x seq x vocab) are calibration's largest activation: only a quantized output layer
+        # needs them all, otherwise each sequence's last position is computed.
+        output_layer = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        logits_to_keep = 0 if output_layer in plan.quantized_layers else 1
         phases: list[str] = []  # what ModelOpt announced since the last pass ("awq_lite: Searching parameters...")
         passes = 0
 
@@ -94,7 +98,7 @@ class Calibrate(Stage):
                            f"{calib.seq_len} tokens through {len(layers)} layers")
             with torch.no_grad(), layer_progress(ctx.track, layers, len(batches), description):
                 for batch in batches:
-                    m(batch)
+                    m(batch, logits_to_keep=logits_to_keep)
 
         mtq, _ = modelopt()
         before = weight_digests(model)
