@@ -77,7 +77,8 @@ def main() -> None:
              f"{human_bytes(imports)} ({imports / fp32:.2f}x). Peak RSS is the whole process (GNU time), its "
              "stage's own peak from the manifest beside it. Goals: <= 2.5x the fp32 weights, <= 1.5x beyond the "
              "imports.", "",
-             "| format | stage | status | seconds | peak RSS | / fp32 weights | beyond imports / fp32 | manifest peak |",
+             "| format | stage | status | seconds | peak RSS | / fp32 weights | beyond imports / fp32 "
+             "| manifest peak |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for fmt, rows in runs.items():
         for stage, row in rows.items():

@@ -126,7 +126,8 @@ def main() -> None:
              f"parameters, bf16 weights {human_bytes(bf16)} in {len(set(index['weight_map'].values()))} shards. "
              "Each stage in its own process (earlier stages are cache hits there); peak RSS of the whole process "
              "(GNU time). Goal: <= 1.25x the bf16 weights.", "",
-             "| format | stage | status | seconds | peak RSS | / bf16 weights |", "| --- | --- | --- | --- | --- | --- |"]
+             "| format | stage | status | seconds | peak RSS | / bf16 weights |",
+             "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {fmt} | {stage} | {status} | {seconds} | {human_bytes(rss)} | {rss / bf16:.2f} |"
               for fmt, stage, status, seconds, rss in rows]
     text = "\n".join(lines) + "\n"

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.host import release_memory
+
 KV_PAST, KV_PRESENT = "past_key_values.%d.{}", "present.%d.{}"  # ONNX Runtime GenAI's default names
 
 
@@ -35,9 +37,6 @@ def dynamic_axes(layers: int) -> dict:
     return {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
             "logits": {0: "batch", 1: "seq"}, **{n: {0: "batch", 2: "past"} for n in kv_names(KV_PAST, layers)},
             **{n: {0: "batch", 2: "total"} for n in kv_names(KV_PRESENT, layers)}}
-
-
-PROTOBUF_LIMIT = 1_800_000_000  # weights go to external data above this (the hard limit is 2 GB)
 
 
 class Decoder(nn.Module):
@@ -103,6 +102,7 @@ def export(model, path: Path) -> dict:
                           output_names=io_names(layers)[1], dynamic_axes=dynamic_axes(layers), opset_version=19,
                           do_constant_folding=True, dynamo=False)
     formats = quantized_formats(model)
+    release_memory()  # the tracer's copies of the weights, before the graph is read back
     graph = onnx.load(str(raw), load_external_data=True)
     if "int4" in formats:
         from modelopt.onnx.utils import infer_shapes
@@ -130,16 +130,19 @@ def export(model, path: Path) -> dict:
     kept = [vi for vi in graph.graph.value_info if vi.name not in stale]  # types left by the custom ops
     del graph.graph.value_info[:]
     graph.graph.value_info.extend(kept)
+    release_memory()  # the graphs each step above replaced
     graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
     graph = _half_unquantized(graph)
     graph.ir_version = 11 if "nvfp4" in formats else min(graph.ir_version, 10)  # FLOAT4E2M1 needs IR 11
-    external = graph.ByteSize() > PROTOBUF_LIMIT
-    onnx.save_model(graph, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+    release_memory()
+    # Weights stream to external data, each tensor's bytes dropped from the graph once written: serializing them
+    # into the protobuf would hold one more copy of every weight (and is impossible above 2 GB).
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=1024)
     raw.unlink()
     for leftover in path.parent.glob(f"{raw.name}*"):
         leftover.unlink()
-    return {"quantized": formats, "external_data": external, "ops": qdq_histogram(path)}
+    return {"quantized": formats, "external_data": True, "ops": qdq_histogram(path)}
 
 
 def _fp8_weights_as_torch(graph, model) -> None:

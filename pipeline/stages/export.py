@@ -34,7 +34,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class Export(Stage):
     name = "export"
-    version = "3"  # 2: ONNX Runtime GenAI layout and genai_config.json; 3: cards say what loads each export
+    version = "4"  # 2: ONNX Runtime GenAI layout and genai_config.json; 3: cards say what loads each export;
+    # 4: ONNX weights always in model.onnx.data
     inputs = ("load", "calibrate", "quantize")
     fields = ("export",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnx-graphsurgeon")
@@ -80,6 +81,7 @@ class Export(Stage):
                     shutil.copy2(loaded / "model" / name, target / name)
             written[fmt] = {"bytes": _weights_bytes(target), "files": sorted(p.name for p in target.iterdir()),
                             "quant_algo": _quant_algo(target), **details}
+            host.release_memory()  # each format loaded its own model: free it before the next one loads
         # The target GPU is not part of this artifact's key, so its cards leave it out (publish adds it).
         facts = {**card.facts(ctx.recipe, {"load": loaded, "calibrate": calibrated}), "target": None}
         for fmt, info in written.items():
