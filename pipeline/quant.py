@@ -238,12 +238,13 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
 
     from pipeline.modeling import weight_files
 
+    _, mto = modelopt()
+    files = weight_files(model_dir)
+
     def original(name: str):
         with safe_open(files[name], "pt") as fh:
             return fh.get_tensor(name)
 
-    _, mto = modelopt()
-    files = weight_files(model_dir)
     changed, rescaled = {}, []
     state = model.state_dict()
     # A tied weight (lm_head sharing the embedding) is saved once under the other name.
@@ -260,7 +261,7 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
             if replay is not None and torch.equal(replay, tensor):
                 rescaled.append(name)
                 continue
-            changed[name] = tensor.detach().clone().contiguous()
+            changed[name] = tensor.detach().contiguous()  # a parameter of its own: saved as is, not copied
         elif tensor.data_ptr() not in stored_storage:
             changed[name] = tensor.detach().clone().contiguous()
     save_file(changed, out / TENSORS_FILE)
