@@ -85,7 +85,7 @@ def _damaged(source: Path, tmp_path: Path, damage) -> Path:
 
 
 def _drop_last_shard(folder: Path) -> str:
-    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard = max(folder.glob("model-*.safetensors"))
     shard.unlink()
     return f"lists {shard.name}, which is missing"
 
@@ -98,7 +98,7 @@ def _index_names_a_ghost(folder: Path) -> str:
 
 
 def _truncate_first_shard(folder: Path) -> str:
-    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    shard = min(folder.glob("model-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-1000])
     return f"{shard.name} is damaged or truncated"
 
