@@ -68,6 +68,7 @@ def write_model(folder: Path, layers: int, vocab: int) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("qwen2", vocab_size=vocab, num_hidden_layers=layers, dtype="bfloat16", **WIDTHS)
+    config.architectures = ["Qwen2ForCausalLM"]  # as a saved model has it: ModelOpt's exporter reads it
     config.save_pretrained(folder)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).state_dict().items()}
