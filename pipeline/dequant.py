@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline import formats
 from pipeline.formats.base import WeightCodec
+from pipeline.modeling import weight_files
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ def read_config(folder: Path) -> dict:
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, one file or shards with an index."""
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in sorted(set(weight_files(folder).values())):
         tensors.update(load_file(file))
     return tensors
 

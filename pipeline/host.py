@@ -76,6 +76,7 @@ class PeakMemory:
     lifetime peak is reported, an upper bound. Subprocesses count when one peaked higher than any before it."""
 
     def __enter__(self) -> PeakMemory:
+        release_memory()  # an earlier stage's garbage in this process goes back to the OS, not into this peak
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
@@ -88,6 +89,19 @@ class PeakMemory:
     def __exit__(self, *exc_info) -> None:
         children = _children_peak()
         self.bytes = max(_own_peak(), children if children > self.children_before else 0)
+
+
+def release_memory() -> None:
+    """Hand memory freed by Python back to the OS: collect cycles (models hold some), then ask glibc to return free
+    heap pages, which it otherwise keeps, so the next step's peak does not stack on the last one's garbage."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _own_peak() -> int:

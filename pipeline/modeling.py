@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import architectures
+from pipeline.errors import BadInput
 
 
 # Quiet on success: no library progress bars. Set at import, before tqdm or transformers read them.
@@ -26,15 +28,16 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_model(folder: Path, dtype: str = "float32", device_map: dict | None = None, offload_dir: Path | None = None):
+def load_model(folder: Path, *, dtype: str = "auto", device_map: dict | None = None, offload_dir: Path | None = None):
     """(model, tokenizer) from a load artifact's model directory, in eval mode: on CPU, or placed by an accelerate
-    `device_map` (pipeline.placement) with weights that fit nowhere else in `offload_dir`."""
+    `device_map` (pipeline.placement) with weights that fit nowhere else in `offload_dir`. `auto` keeps the dtype the
+    weights are stored in (the load stage already applied model.dtype): a bf16 model is never upcast whole."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_libraries()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), device_map=device_map,
-                                                 offload_folder=offload_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+                                                 device_map=device_map, offload_folder=offload_dir)
     model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
@@ -47,6 +50,36 @@ def state_dict(model) -> dict:
     from accelerate.utils.modeling import get_state_dict_offloaded_model
 
     return get_state_dict_offloaded_model(model)
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Each tensor's safetensors file in a model directory, one file or shards with an index, checked against the
+    files themselves: a shard the index names but the folder lacks, a tensor no shard holds, or a shard shorter
+    than its header says (an interrupted copy) is a BadInput naming the file, not a traceback three stages later."""
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / INDEX_FILE
+    listed = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    files = sorted({folder / f for f in listed.values()}) if listed else sorted(folder.glob("*.safetensors"))
+    found: dict[str, Path] = {}
+    for file in files:
+        if not file.is_file():
+            raise BadInput(f"model {folder.name}: {index.name} lists {file.name}, which is missing; copy the "
+                           "complete model (every shard the index names)")
+        try:
+            with safe_open(file, "pt") as fh:
+                found.update(dict.fromkeys(fh.keys(), file))
+        except SafetensorError as exc:
+            raise BadInput(f"model {folder.name}: {file.name} is damaged or truncated ({exc}); copy it again "
+                           "from the source") from None
+    unplaced = sorted(set(listed or ()) - set(found))
+    if unplaced:
+        raise BadInput(f"model {folder.name}: {index.name} names {len(unplaced)} tensors no shard holds (e.g. "
+                       f"{unplaced[0]}); copy the complete model or fix the index")
+    return found
 
 
 @dataclass(frozen=True)

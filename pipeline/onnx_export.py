@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.host import release_memory
+
 KV_PAST, KV_PRESENT = "past_key_values.%d.{}", "present.%d.{}"  # ONNX Runtime GenAI's default names
 
 
@@ -36,9 +38,6 @@ def dynamic_axes(layers: int) -> dict:
     return {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
             "logits": {0: "batch", 1: "seq"}, **{n: {0: "batch", 2: "past"} for n in kv_names(KV_PAST, layers)},
             **{n: {0: "batch", 2: "total"} for n in kv_names(KV_PRESENT, layers)}}
-
-
-PROTOBUF_LIMIT = 1_800_000_000  # weights go to external data above this (the hard limit is 2 GB)
 
 
 class Decoder(nn.Module):
@@ -101,6 +100,7 @@ def export(model, path: Path) -> dict:
                           output_names=io_names(layers)[1], dynamic_axes=dynamic_axes(layers), opset_version=19,
                           do_constant_folding=True, dynamo=False)
     formats = quantized_formats(model)
+    release_memory()  # the tracer's copies of the weights, before the graph is read back
     graph = onnx.load(str(raw), load_external_data=True)
     for kind in formats:
         graph = EMITTERS[kind].process(graph, model)
@@ -111,17 +111,20 @@ def export(model, path: Path) -> dict:
     kept = [vi for vi in graph.graph.value_info if vi.name not in stale]  # types left by the custom ops
     del graph.graph.value_info[:]
     graph.graph.value_info.extend(kept)
+    release_memory()  # the graphs each step above replaced
     graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
     graph = _half_unquantized(graph)
     needed = [EMITTERS[kind].ir_version for kind in formats if EMITTERS[kind].ir_version]
     graph.ir_version = max(needed) if needed else min(graph.ir_version, 10)
-    external = graph.ByteSize() > PROTOBUF_LIMIT
-    onnx.save_model(graph, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+    release_memory()
+    # Weights stream to external data, each tensor's bytes dropped from the graph once written: serializing them
+    # into the protobuf would hold one more copy of every weight (and is impossible above 2 GB).
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{path.name}.data", size_threshold=1024)
     raw.unlink()
     for leftover in path.parent.glob(f"{raw.name}*"):
         leftover.unlink()
-    return {"quantized": formats, "external_data": external, "ops": qdq_histogram(path)}
+    return {"quantized": formats, "external_data": True, "ops": qdq_histogram(path)}
 
 
 def _emit_int4(graph, model):

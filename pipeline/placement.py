@@ -111,17 +111,20 @@ def _device_name(device: str | int) -> str:
     return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
-def plan(folder: Path, spec, dtype: str = "float32") -> Placement:
-    """The device map for the model in `folder` loaded in `dtype`, from an empty model: no weight is read."""
+def plan(folder: Path, spec, dtype: str = "auto") -> Placement:
+    """The device map for the model in `folder` loaded in `dtype` (auto: its stored dtype, as load_model loads it),
+    from an empty model: no weight is read."""
     import accelerate
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = getattr(torch, dtype)
     kind = device_kind(spec)
     config = AutoConfig.from_pretrained(folder)
+    dtype = getattr(config, "dtype", None) or "float32" if dtype == "auto" else dtype
+    dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
     with accelerate.init_empty_weights():
         empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        empty.tie_weights()  # tied weights are one tensor to place (accelerate warns otherwise)
     limits = parse_max_memory(spec.max_memory)
     available = {k: v for k, v in accelerate.utils.get_max_memory().items() if kind == "cuda" or k == "cpu"}
     budget = {(int(d.split(":")[1]) if d.startswith("cuda:") else d): n for d, n in limits.items()}

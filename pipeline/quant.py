@@ -219,37 +219,43 @@ def _digest(tensor) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
-def save_calibration(model, original_weights, out, before: dict[str, bytes]) -> dict:
+def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
     """Store what calibration added or changed: ModelOpt's mode state, the new tensors (amax, pre-quant scales),
     and changed weights only where replaying the smoothing from the stored scales does not reproduce them bit for
     bit. No second copy of the weights: `before` (weight_digests) tells which ones changed, and only those are
-    read back from `original_weights` for the replay check."""
+    read back, one at a time, from the model directory's weight files (one file or shards) for the replay check."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from pipeline.modeling import weight_files
+
     _, mto = modelopt()
+    files = weight_files(model_dir)
+
+    def original(name: str):
+        with safe_open(files[name], "pt") as fh:
+            return fh.get_tensor(name)
+
     changed, rescaled = {}, []
     state = state_dict(model)
-    with safe_open(original_weights, "pt") as original:
-        known = set(original.keys())
-        # A tied weight (lm_head sharing the embedding) is saved once under the other name.
-        stored_storage = {state[n].data_ptr() for n in known if n in state}
-        for name, tensor in state.items():
-            if name in known:
-                if before.get(name) == _digest(tensor):
-                    continue
-                before_tensor = original.get_tensor(name)
-                if torch.equal(tensor, before_tensor):
-                    continue
-                module = model.get_submodule(name.rsplit(".", 1)[0])
-                replay = _smoothed(before_tensor, module) if name.endswith(".weight") else None
-                if replay is not None and torch.equal(replay, tensor):
-                    rescaled.append(name)
-                    continue
-                changed[name] = tensor.detach().clone().contiguous()
-            elif tensor.data_ptr() not in stored_storage:
-                changed[name] = tensor.detach().clone().contiguous()
+    # A tied weight (lm_head sharing the embedding) is saved once under the other name.
+    stored_storage = {state[n].data_ptr() for n in files if n in state}
+    for name, tensor in state.items():
+        if name in files:
+            if before.get(name) == _digest(tensor):
+                continue
+            before_tensor = original(name)
+            if torch.equal(tensor, before_tensor):
+                continue
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            replay = _smoothed(before_tensor, module) if name.endswith(".weight") else None
+            if replay is not None and torch.equal(replay, tensor):
+                rescaled.append(name)
+                continue
+            changed[name] = tensor.detach().contiguous()  # a parameter of its own: saved as is, not copied
+        elif tensor.data_ptr() not in stored_storage:
+            changed[name] = tensor.detach().clone().contiguous()
     save_file(changed, out / TENSORS_FILE)
     (out / RESCALED_FILE).write_text(json.dumps(rescaled))
     # Plain pickle of a key-sorted state: torch.save adds a random serialization id and ModelOpt builds some dicts
@@ -293,16 +299,17 @@ def layer_errors(model) -> list[dict]:
     return rows
 
 
-def export_unified(model, dtype, export_dir) -> None:
-    """ModelOpt's unified Hugging Face checkpoint: real quantized tensors, hf_quant_config.json. The exporter's
-    dtype leaves unquantized tensors (embeddings, norms) as they are, so the model is cast first. Exporters change
-    the model in place: callers pass a model they no longer need."""
+def export_unified(model, dtype, export_dir, max_shard_size: str) -> None:
+    """ModelOpt's unified Hugging Face checkpoint: real quantized tensors, hf_quant_config.json, in shards of at
+    most `max_shard_size` with an index when it takes more than one. The exporter's dtype leaves unquantized
+    tensors (embeddings, norms) as they are, so the model is cast first. Exporters change the model in place:
+    callers pass a model they no longer need."""
     from modelopt.torch.export import export_hf_checkpoint
 
     model.to(dtype)
     with library_prints(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
+        export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir, max_shard_size=max_shard_size)
 
 
 def rope_theta(config) -> float | None:

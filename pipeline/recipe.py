@@ -143,6 +143,9 @@ class ExportSpec(Section):
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
     dtype: Literal["float16", "bfloat16"] = "float16"
+    max_shard_size: str = Field("10GB", pattern=r"^[1-9][0-9]*(GB|MB|KB|GiB|MiB|KiB)$",
+                                description="largest safetensors file of the hf checkpoint, e.g. 5GB (more files "
+                                            "get model.safetensors.index.json); ModelOpt's default")
 
 
 class BuildSpec(Section):

@@ -47,9 +47,10 @@ def replay(model, inputs: Mapping):
     return model
 
 
-def restore_model(inputs: Mapping):
-    """(model, tokenizer): the load artifact's model with every upstream state replayed onto it."""
+def restore_model(inputs: Mapping, dtype: str = "auto"):
+    """(model, tokenizer): the load artifact's model (in its stored dtype unless `dtype` says otherwise) with every
+    upstream state replayed onto it."""
     from pipeline.modeling import load_model
 
-    model, tokenizer = load_model(inputs["load"] / "model")
+    model, tokenizer = load_model(inputs["load"] / "model", dtype=dtype)
     return replay(model, inputs), tokenizer

@@ -87,6 +87,7 @@ class CalibrationFacts(Facts):
     format: str
     algorithm: str
     kv_cache: str
+    model_dtype: str  # what it was calibrated in: the stored dtype unless model.dtype said otherwise
     block_size: int | None
     decisions: list[str]
     quantized_layers: int
@@ -104,7 +105,9 @@ class CalibrationFacts(Facts):
 
 class Calibrate(Stage):
     name = "calibrate"
-    version = "2"
+    # 2: placement (device kind in the key) and layer-by-layer calibration; 3: calibrates in the stored dtype
+    # (bf16 models were upcast to fp32 before) and computes only the logits a quantized output layer needs
+    version = "3"
     inputs = ("load",)
     fields = ("quantization", "calibration")
     libraries = ("torch", "transformers", "nvidia-modelopt")
@@ -150,16 +153,20 @@ class Calibrate(Stage):
             windows = data.token_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
             plan = plan_quantization(spec, model)
             batches = [b.to(placed.input_device) for b in torch.split(windows, calib.batch_size)]
+            # The logits (batch x seq x vocab) are calibration's largest activation: only a quantized output layer
+            # needs them all, otherwise each sequence's last position is computed.
+            output_layer = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+            forward = {"logits_to_keep": 0 if output_layer in plan.quantized_layers else 1}
             by_layer = layerwise.wanted(calib.layerwise, spec.algorithm, placed.spills)
             before = weight_digests(model)
             started = time.time()
             if by_layer:
-                resumed_at = calibrate_by_layer(ctx, model, plan.config, batches)
+                resumed_at = calibrate_by_layer(ctx, model, plan.config, batches, forward)
             else:
                 resumed_at = None
-                calibrate_whole_model(ctx, model, plan.config, batches)
+                calibrate_whole_model(ctx, model, plan.config, batches, forward)
             seconds = time.time() - started
-            saved = save_calibration(model, loaded / "model" / "model.safetensors", ctx.out, before)
+            saved = save_calibration(model, loaded / "model", ctx.out, before)
         finally:
             if offload and ctx.recipe.model.offload_dir:  # the scratch area's goes when the artifact commits
                 shutil.rmtree(offload, ignore_errors=True)
@@ -167,7 +174,8 @@ class Calibrate(Stage):
             {"config": plan.config, "decisions": plan.decisions, "quantized_layers": plan.quantized_layers,
              "excluded_layers": plan.excluded_layers}, indent=2, default=str))
         return CalibrationFacts(
-            format=spec.format, algorithm=spec.algorithm, kv_cache=spec.kv_cache, block_size=plan.block_size,
+            format=spec.format, algorithm=spec.algorithm, kv_cache=spec.kv_cache,
+            model_dtype=str(model.dtype).removeprefix("torch."), block_size=plan.block_size,
             decisions=plan.decisions, quantized_layers=len(plan.quantized_layers),
             excluded_layers=len(plan.excluded_layers), tokens=int(windows.numel()),
             calibration_seconds=round(seconds, 2), placement=placed.to_json(), layerwise=by_layer,
@@ -176,8 +184,9 @@ class Calibrate(Stage):
             state_ratio=saved["bytes"] / loaded.facts.weights_bytes)
 
 
-def calibrate_whole_model(ctx: StageContext, model, config: dict, batches: list) -> None:
-    """ModelOpt's calibration over the whole model, progress counted in layer forwards."""
+def calibrate_whole_model(ctx: StageContext, model, config: dict, batches: list, forward: dict) -> None:
+    """ModelOpt's calibration over the whole model (`forward`: keyword arguments of each batch's forward pass),
+    progress counted in layer forwards."""
     import torch
 
     from pipeline.quant import library_prints, modelopt
@@ -201,7 +210,7 @@ def calibrate_whole_model(ctx: StageContext, model, config: dict, batches: list)
                        f"{calib.seq_len} tokens through {len(layers)} layers")
         with torch.no_grad(), layer_progress(ctx.track, layers, len(batches), description):
             for batch in batches:
-                m(batch)
+                m(batch, **forward)
 
     mtq, _ = modelopt()
     with library_prints(on_line=announce):
@@ -221,7 +230,7 @@ def _without_modelopt_bar() -> Iterator[None]:
         yield
 
 
-def calibrate_by_layer(ctx: StageContext, model, config: dict, batches: list) -> int:
+def calibrate_by_layer(ctx: StageContext, model, config: dict, batches: list, forward: dict) -> int:
     """ModelOpt's layerwise calibration, checkpointed per layer in the scratch area: a killed run resumes at the
     layer it was on. Returns the layer this run started at."""
     import torch
@@ -247,7 +256,7 @@ def calibrate_by_layer(ctx: StageContext, model, config: dict, batches: list) ->
             progress.finished(index)
         with torch.no_grad():
             for batch in batches:
-                m(batch)
+                m(batch, **forward)
 
     try:
         with library_prints(), _without_modelopt_bar():

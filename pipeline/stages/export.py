@@ -55,9 +55,9 @@ class ExportFacts(Facts):
 
 class Export(Stage):
     name = "export"
-    # 2: ONNX Runtime GenAI layout and genai_config.json; 3: cards say what loads each export; 4: part keys and
-    # reused parts are the runner's (manifest fields), no longer in the metadata
-    version = "4"
+    # 2: ONNX Runtime GenAI layout and genai_config.json; 3: cards say what loads each export; 4: ONNX weights
+    # always in model.onnx.data; 5: part keys and reused parts are the runner's (manifest fields), not metadata
+    version = "5"
     inputs = ("load", *MODEL_STATE, "quantize")
     fields = ("export",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "onnx", "onnx-graphsurgeon")
@@ -108,6 +108,7 @@ class Export(Stage):
                     shutil.copy2(loaded / "model" / name, target / name)
             written[fmt] = ExportedFormat(bytes=_weights_bytes(target), files=sorted(p.name for p in target.iterdir()),
                                           quant_algo=_quant_algo(target), **details)
+            host.release_memory()  # each format loaded its own model: free it before the next one loads
         # The target GPU is not part of this artifact's key, so its cards leave it out (publish adds it).
         facts = {**card.facts(ctx.recipe, {"load": loaded, "calibrate": calibrated}), "target": None}
         for fmt, part in written.items():
@@ -154,7 +155,7 @@ def _export_onnx(inputs: dict, target: Path) -> dict:
     from pipeline.quant import library_prints
     from pipeline.state import restore_model
 
-    model, _ = restore_model(inputs)
+    model, _ = restore_model(inputs, dtype="float32")  # the decoder graph computes in fp32 (inputs, caches, logits)
     target.mkdir(parents=True)
     with library_prints():
         details = onnx_export.export(model, target / ONNX_FILE)

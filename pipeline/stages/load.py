@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import architectures
 from pipeline.errors import BadInput
-from pipeline.modeling import quiet_libraries
+from pipeline.modeling import INDEX_FILE, quiet_libraries, weight_files
 from pipeline.placement import PLACEMENT_FIELDS
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Facts, Stage, StageContext
@@ -116,7 +116,8 @@ class Load(Stage):
             return f"hub:{source.location}@{recipe.model.revision or 'main'}"
         folder = Path(source.location)
         files = [folder / source.gguf_file] if source.kind == "gguf" else [
-            *_matching(folder, SAFE_WEIGHTS + PICKLE_WEIGHTS), folder / "config.json"
+            *_matching(folder, SAFE_WEIGHTS + PICKLE_WEIGHTS), folder / "config.json",
+            *_matching(folder, (INDEX_FILE,))
         ]
         combined = hashlib.sha256()
         for file in files:
@@ -212,6 +213,8 @@ class Load(Stage):
                 "convert them to safetensors, or set model.allow_pickle: true if you trust the source"
             )
         check_tokenizer(folder)
+        if safe:
+            weight_files(folder)  # a missing, truncated or incomplete shard fails here, before any copy
         out.mkdir(parents=True)
         if safe and spec.dtype == "auto":
             for file in _matching(folder, SAFE_WEIGHTS + SIDECAR_FILES):
@@ -276,12 +279,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def describe_model(folder: Path) -> dict:
-    """Architecture facts and parameter count, read from config.json and safetensors headers (no weights loaded)."""
+    """Architecture facts and parameter count, read from config.json and safetensors headers (no weights loaded;
+    one file or shards)."""
     from safetensors import safe_open
 
     config = json.loads((folder / "config.json").read_text())
+    files = weight_files(folder)
     params, dtypes = 0, set()
-    for file in _matching(folder, SAFE_WEIGHTS):
+    for file in sorted(set(files.values())):
         with safe_open(file, "pt") as fh:
             for name in fh.keys():
                 sl = fh.get_slice(name)
@@ -301,5 +306,5 @@ def describe_model(folder: Path) -> dict:
         "num_kv_heads": config.get("num_key_value_heads"),
         "vocab_size": config.get("vocab_size"),
         "max_position_embeddings": config.get("max_position_embeddings"),
-        "weights_bytes": sum(p.stat().st_size for p in _matching(folder, SAFE_WEIGHTS)),
+        "weights_bytes": sum(p.stat().st_size for p in set(files.values())),
     }

@@ -17,6 +17,7 @@ class QuantizeFacts(Facts):
     """The low-precision checkpoint's size and its worst per-layer weight error (layers.json has every layer)."""
 
     quantized_layers: int
+    model_dtype: str  # the dtype the model was quantized in (its stored one unless model.dtype said otherwise)
     checkpoint_bytes: int
     fp16_bytes: int
     size_ratio_fp16: float
@@ -25,9 +26,9 @@ class QuantizeFacts(Facts):
 
 class Quantize(Stage):
     name = "quantize"
-    version = "1"
+    version = "2"  # 2: the checkpoint is sharded at export.max_shard_size
     inputs = ("load", *MODEL_STATE)
-    fields = ("export.dtype",)
+    fields = ("export.dtype", "export.max_shard_size")
     libraries = ("torch", "transformers", "nvidia-modelopt")
     Facts = QuantizeFacts
 
@@ -43,11 +44,13 @@ class Quantize(Stage):
 
         loaded = ctx.input("load")
         model, _ = restore_model(ctx.inputs)
+        model_dtype = str(model.dtype).removeprefix("torch.")  # before export casts it to export.dtype
         errors = layer_errors(model)
         (ctx.out / LAYERS).write_text(json.dumps(errors, indent=2))
-        export_unified(model, getattr(torch, ctx.recipe.export.dtype), ctx.out / CHECKPOINT)
+        spec = ctx.recipe.export
+        export_unified(model, getattr(torch, spec.dtype), ctx.out / CHECKPOINT, spec.max_shard_size)
         weights = sum(p.stat().st_size for p in (ctx.out / CHECKPOINT).glob("*.safetensors"))
         fp16_bytes = loaded.facts.parameters * 2
-        return QuantizeFacts(quantized_layers=len(errors), checkpoint_bytes=weights, fp16_bytes=fp16_bytes,
-                             size_ratio_fp16=weights / fp16_bytes,
+        return QuantizeFacts(quantized_layers=len(errors), model_dtype=model_dtype, checkpoint_bytes=weights,
+                             fp16_bytes=fp16_bytes, size_ratio_fp16=weights / fp16_bytes,
                              worst_layer_error=max((e["relative_error"] for e in errors), default=0.0))
