@@ -124,11 +124,12 @@ def plan(folder: Path, spec, dtype: str = "auto") -> Placement:
     dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
     with accelerate.init_empty_weights():
         empty = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        empty.tie_weights()  # tied weights are one tensor to place (accelerate warns otherwise)
     limits = parse_max_memory(spec.max_memory)
     available = {k: v for k, v in accelerate.utils.get_max_memory().items() if kind == "cuda" or k == "cpu"}
     budget = {(int(d.split(":")[1]) if d.startswith("cuda:") else d): n for d, n in limits.items()}
     max_memory = {d: budget.get(d, n) for d, n in available.items()}
+    # accelerate's tied-weights check does not see how transformers 5 ties weights, and warns for every tied model
+    logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
     device_map = accelerate.infer_auto_device_map(empty, max_memory=max_memory, dtype=dtype,
                                                   no_split_module_classes=empty._no_split_modules)
     blocks = [name for name, module in empty.named_modules() if module.__class__.__name__ in
