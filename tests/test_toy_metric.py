@@ -34,8 +34,8 @@ def test_a_registered_metric_is_computed_checked_and_reported(toy_metric, tiny_m
     assert report["thresholds"]["toy_ppl"] == 1e9, "the metric's own default: fp8's defaults do not name it"
     assert not any("toy" in f for f in report["failures"])
     assert f"toy_ppl {report['ppl_quantized']:.2f}" in by_name("verify").summary(report)
-    assert f"| toy: the quantized model's own perplexity (`toy_ppl`) | {report['ppl_quantized']:.2f} | <= 1000000000.0 |" \
-        in (verify / REPORT_MD).read_text()
+    row = f"| toy: the quantized model's own perplexity (`toy_ppl`) | {report['ppl_quantized']:.2f} | <= 1000000000.0 |"
+    assert row in (verify / REPORT_MD).read_text()
 
     strict = _recipe(tiny_model("llama"), "fp8", *FAST, "verify.thresholds={toy_ppl: 1.0}")
     result, failed = _verify(strict, real_store)

@@ -21,7 +21,8 @@ class Row(Stage):
     version = "1"
     fields = EVAL_FIELDS
     libraries = ("torch", "transformers")
-    code_modules = ("pipeline.compare.stages", "pipeline.compare.measure", "pipeline.verify.evaluate", "pipeline.modeling", "pipeline.data")
+    code_modules = ("pipeline.compare.stages", "pipeline.compare.measure", "pipeline.verify.evaluate",
+                    "pipeline.modeling", "pipeline.data")
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.verify.dataset, store)}

@@ -71,8 +71,8 @@ class Verify(Stage):
         asked = f"{len(prompts)} prompts x {spec.max_new_tokens} new tokens"
         texts_quantized = evaluate.generate(quantized, tokenizer, evaluate.tracked(
             ctx.track, prompts, f"greedy generation, quantized: {asked}"), spec.max_new_tokens)
-        agree = evaluate.agreement(quantized, evaluate.tracked(ctx.track, prompts, f"teacher-forced agreement: {asked}"),
-                                   unquantized.generations)
+        agree = evaluate.agreement(quantized, evaluate.tracked(
+            ctx.track, prompts, f"teacher-forced agreement: {asked}"), unquantized.generations)
 
         # The ONNX decoder and the engine built from it quantize activations too: compare them with the fully
         # quantized model, on the same windows as its perplexity.
@@ -97,7 +97,8 @@ class Verify(Stage):
         for fmt, result in exports.items():
             failures += [f"{fmt}: {p}" for p in result["problems"]]
             failures += [f"{fmt}: {layer['layer']} dequantizes {layer['error']:.2f} away from the calibrated layer "
-                         f"(tolerance {layer['tolerance']}): check {layer['tensors']}" for layer in result["bad_layers"]]
+                         f"(tolerance {layer['tolerance']}): check {layer['tensors']}"
+                         for layer in result["bad_layers"]]
         if "hf" in exports:  # what the serving engines' ModelOpt loaders would refuse
             exports["hf"]["contract"] = contracts.check(exported.path / "hf")
             failures += [f"hf: loader contract: {p}" for p in exports["hf"]["contract"]]

@@ -92,8 +92,9 @@ def check_export(folder: Path, quantized, folded: list[str], skeleton: Skeleton,
                           skeleton.model_dir, weights, info) + _expert_errors(quantized, experts, weights)
     bad = over_tolerance(layers, LAYER_TOLERANCE[recipe.quantization.format])
     on = evaluate.describe_windows(windows)
+    described = f"{fmt}: dequantized export vs calibrated model, logits and perplexity: {on}"
     parity = evaluate.compare_on_windows(evaluate.model_logits(plain), quantized, evaluate.tracked(
-        track, evaluate.batches(windows), f"{fmt}: dequantized export vs calibrated model, logits and perplexity: {on}"))
+        track, evaluate.batches(windows), described))
     return {"quant_algo": info["quant_algo"], "kv_cache_quant_algo": info["kv_cache_quant_algo"],
             "group_size": info["group_size"], "problems": problems, "bad_layers": bad[:5], "layers": layers,
             "parity": {k: parity[k] for k in ("cosine", "max_abs_error")}, "ppl_dequantized": parity["ppl"]}
