@@ -89,7 +89,7 @@ class Verify(Stage):
         for pattern in ("*input_quantizer", "*output_quantizer", "*_bmm_quantizer"):
             mtq.disable_quantizer(quantized, pattern)
         checkpoints = [fmt for fmt in exported.metadata["formats"] if fmt != "onnx"]
-        skeleton = checkpoint.Skeleton(loaded / "model") if checkpoints else None
+        skeleton = checkpoint.Skeleton(load_model(loaded / "model")[0], loaded / "model") if checkpoints else None
         for fmt in checkpoints:
             exports[fmt] = checkpoint.check_export(exported.path / fmt, quantized, folded, skeleton, windows, recipe,
                                                    ctx.track)

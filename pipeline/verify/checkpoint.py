@@ -35,10 +35,8 @@ class Skeleton:
     swapped in, and the tensors the previous export replaced are read back from the load artifact's files, so no
     second model is ever built and no full copy of the original weights is held."""
 
-    def __init__(self, model_dir: Path) -> None:
-        from pipeline.modeling import load_model
-
-        self.model, _ = load_model(model_dir)
+    def __init__(self, model, model_dir: Path) -> None:
+        self.model = model  # loaded from model_dir
         self.model_dir = model_dir
         self.replaced: set[str] = set()
 
