@@ -136,6 +136,8 @@ def test_verify_thresholds_are_keyed_by_metric_name_and_the_old_keys_still_read_
         old = load_recipe("int4_awq", ["verify.ppl_ratio_max=1.4"])
     assert old.verify.thresholds == recipe.verify.thresholds
     assert caplog.messages == ["verify.ppl_ratio_max is deprecated: write verify.thresholds: {ppl_ratio: 1.4}"]
+    from pipeline.stages.verify import Verify
+
     with pytest.raises(BadInput, match=r"verify.thresholds: unknown metric 'ppl_ratio_max' \(did you mean "
                                        r"'ppl_ratio'\?\); metrics: ppl_ratio, gen_agreement, parity_cosine"):
-        load_recipe("fp8", ["verify.thresholds={ppl_ratio_max: 1.1}"])
+        Verify().preflight(load_recipe("fp8", ["verify.thresholds={ppl_ratio_max: 1.1}"]), {})

@@ -32,6 +32,9 @@ class Verify(Stage):
                 "thresholds": metrics.thresholds(recipe.quantization.format, recipe.verify.thresholds)}
 
     def preflight(self, recipe: Recipe, model: dict) -> None:
+        problem = metrics.unknown(recipe.verify.thresholds)
+        if problem:
+            raise BadInput(problem)
         if recipe.verify.tasks:
             lmeval.check_tasks(list(recipe.verify.tasks))
         shared = data.shared_paragraphs(recipe.calibration.dataset, recipe.verify.dataset)

@@ -39,6 +39,17 @@ def register(metric: Metric) -> Metric:
     return metric
 
 
+def unknown(names) -> str | None:
+    """A one-line problem for the first name that is no metric (recipe thresholds), else None."""
+    from difflib import get_close_matches
+
+    for name in sorted(set(names) - METRICS.keys()):
+        close = get_close_matches(name, list(METRICS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"verify.thresholds: unknown metric '{name}'{hint}; metrics: {', '.join(METRICS)}"
+    return None
+
+
 def format_defaults(fmt: str) -> dict[str, float]:
     """The format's default thresholds by metric name (moves to the format registry's `thresholds` at merge)."""
     from pipeline.recipe import DEFAULT_THRESHOLDS
