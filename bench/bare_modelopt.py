@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from pipeline import data, evaluate  # noqa: E402  (the same text windows, nothing else)
+from pipeline import data  # noqa: E402  (the same text windows, nothing else)
+from pipeline.verify import evaluate  # noqa: E402
 
 CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG",
            "w4a8_awq": "W4A8_AWQ_BETA_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}

@@ -160,7 +160,7 @@ def quality(root: Path, calib: list[str], options) -> dict:
         _, bare_out = timed([sys.executable, str(BENCH / "bare_modelopt.py"), preset,
                              str(root / f"bare-{preset}"), str(options.samples), str(options.seq_len), "--ppl"])
         bare = json.loads(bare_out.strip().splitlines()[-1])
-        rows[preset] = {"ppl_ratio": verify["ppl_ratio"], "agreement": verify["agreement"],
+        rows[preset] = {"ppl_ratio": verify["metrics"]["ppl_ratio"], "agreement": verify["agreement"],
                         "passed": verify["passed"], "sizes": verify["sizes"], "fp16_bytes": verify["fp16_bytes"],
                         "ppl_quantpipe": verify["ppl_quantized"], "ppl_original": verify["ppl_original"],
                         "ppl_bare_default": bare.get("ppl"), "bare_errors": {k: v for k, v in bare.items()

@@ -32,17 +32,21 @@ def render(facts: dict) -> str:
     quality = facts.get("quality")
     lines += ["", "## Quality", ""]
     if quality:
-        lines += [f"- perplexity ratio vs the unquantized model on the same held-out windows: "
-                  f"{quality['ppl_ratio']:.3f} (threshold {quality['ppl_ratio_max']})",
-                  f"- greedy generation token agreement: {quality['agreement']:.1%} "
-                  f"(threshold {quality['agreement_min']:.0%})",
-                  "- full report: [report.md](../report.md)"]
+        lines += [*(f"- {row}" for row in quality_lines(quality)), "- full report: [report.md](../report.md)"]
     else:
         lines.append("Not verified yet: run `quantpipe run` through the verify stage.")
     lines += ["", "## How to load it", "", loading(facts["export"], facts["format"]), ""]
     if facts.get("serving"):
         lines += ["## Serve it", "", *facts["serving"], ""]
     return "\n".join(lines)
+
+
+def quality_lines(quality: dict) -> list[str]:
+    """Each verified metric by name with its threshold (`quality`: verify's metrics and thresholds)."""
+    from pipeline.verify.metrics import shown
+
+    rows = (shown(name, value, quality["thresholds"].get(name)) for name, value in quality["metrics"].items())
+    return [f"{label}: {value} ({bound})" for label, value, bound in rows]
 
 
 def loading(export: str, fmt: str) -> str:

@@ -452,19 +452,19 @@ def report_command(store: ArtifactStore, as_json: bool, names: tuple[str, ...]) 
         if verify is None:
             continue
         rows.append({"recipe": record["recipe"]["name"], "target": record["recipe"]["target"]["gpu"],
-                     "format": verify["format"], "passed": verify["passed"], "ppl_ratio": verify["ppl_ratio"],
-                     "agreement": verify["agreement"], "parity": verify["parity"],
+                     "format": verify["format"], "passed": verify["passed"],
+                     "metrics": verify.get("metrics", {}),  # by name; verify before version 6 kept none
                      "size_vs_fp16": {f: round(b / verify["fp16_bytes"], 3) for f, b in verify["sizes"].items()},
                      "started": record["started"]})
 
     def render() -> None:
         table = Table(title="verification reports", title_justify="left")
-        for column in ("recipe", "format", "target", "result", "ppl ratio", "agreement", "parity cos", "size/fp16"):
+        names = list(dict.fromkeys(name for r in rows for name in r["metrics"]))  # every metric any row has
+        for column in ("recipe", "format", "target", "result", *names, "size/fp16"):
             table.add_column(column)
         for r in rows:
             table.add_row(r["recipe"], r["format"], r["target"], "pass" if r["passed"] else "[red]FAIL[/]",
-                          f"{r['ppl_ratio']:.4f}", f"{r['agreement']:.1%}",
-                          " ".join(f"{k} {v:.4f}" for k, v in r["parity"].items()),
+                          *(f"{r['metrics'][n]:.4g}" if n in r["metrics"] else "" for n in names),
                           " ".join(f"{k} {v:.2f}" for k, v in r["size_vs_fp16"].items()))
         out.print(table)
 

@@ -122,9 +122,7 @@ def _fill(staging: Path, target: Path, recipe: Recipe, artifacts: dict[str, Arti
         for name in REPORT_FILES:
             copy(verify, name, name)
         facts = card.facts(recipe, artifacts)
-        quality = {"ppl_ratio": verify.metadata["ppl_ratio"], "agreement": verify.metadata["agreement"],
-                   "ppl_ratio_max": verify.metadata["thresholds"]["ppl_ratio_max"],
-                   "agreement_min": verify.metadata["thresholds"]["agreement_min"]}
+        quality = {"metrics": verify.metadata["metrics"], "thresholds": verify.metadata["thresholds"]}
         for fmt, part in formats.items():
             serve = serving.card_lines(recipe, str(target / "hf")) if fmt == "hf" else []
             text = card.render({**facts, "artifact": f"{fmt} checkpoint", "bytes": part.bytes,

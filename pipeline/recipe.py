@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline import backends, formats, targets
 from pipeline.compare.spec import CompareSpec
 from pipeline.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 Format = Literal[tuple(formats.FORMATS)]  # checked against the registry (pipeline/formats/)
 Algorithm = Literal["auto", "max", "awq_lite", "awq_clip", "awq_full", "smoothquant", "gptq"]
@@ -181,12 +184,16 @@ class BuildSpec(Section):
         return self
 
 
+# verify's threshold keys before thresholds were keyed by metric name (pipeline/verify/metrics.py)
+RENAMED_THRESHOLDS = {"ppl_ratio_max": "ppl_ratio", "gen_agreement_min": "gen_agreement",
+                      "parity_cosine_min": "parity_cosine"}
+
+
 class VerifySpec(Section):
     dataset: str = "eval"
     tokens: int = Field(2048, gt=0, description="held-out tokens for perplexity")
-    ppl_ratio_max: float | None = Field(None, gt=1.0, description="none = the format's default threshold")
-    gen_agreement_min: float | None = Field(None, ge=0.0, le=1.0)
-    parity_cosine_min: float | None = Field(None, gt=0.0, le=1.0)
+    thresholds: dict[str, float] = Field({}, description="by metric name, e.g. {ppl_ratio: 1.1}; unset = the "
+                                                          "format's default (names checked by verify's preflight)")
     seq_len: int = Field(512, gt=1, description="window length for perplexity")
     max_new_tokens: int = Field(32, ge=1)
     tasks: tuple[str, ...] = Field((), description="lm-eval tasks run on both models (quantpipe_eval: offline, the "
@@ -202,6 +209,18 @@ class VerifySpec(Section):
         "List three prime numbers.",
         "What does a compiler do?",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_thresholds(cls, data: Any) -> Any:
+        """The keys thresholds had before they were keyed by metric name still work, with a deprecation warning."""
+        if not isinstance(data, dict) or not RENAMED_THRESHOLDS.keys() & data.keys():
+            return data
+        renamed = {RENAMED_THRESHOLDS[k]: data[k] for k in RENAMED_THRESHOLDS if k in data}
+        log.warning("verify.%s is deprecated: write verify.thresholds: {%s}", ", verify.".join(
+            k for k in RENAMED_THRESHOLDS if k in data), ", ".join(f"{k}: {v}" for k, v in renamed.items()))
+        kept = {k: v for k, v in data.items() if k not in RENAMED_THRESHOLDS}
+        return {**kept, "thresholds": {**renamed, **(kept.get("thresholds") or {})}}
 
 
 class Recipe(Section):

@@ -127,8 +127,8 @@ def test_representative_cells_run_end_to_end(model_type, preset, overrides, tiny
         layers = json.loads((result.outcomes[-1].artifact / "report.json").read_text())["layers"]["hf"]
         experts = {row["layer"] for row in layers if ".experts." in row["layer"]}
         assert len(experts) == TINY["num_hidden_layers"] * MOE["num_experts"] * 3
-    outcome = (f"works (parity cosine {min(verify['parity'].values(), default=1.0):.4f}, "
-               f"ppl ratio {verify['ppl_ratio']:.3f})")
+    outcome = (f"works (parity cosine {verify['metrics'].get('parity_cosine', 1.0):.4f}, "
+               f"ppl ratio {verify['metrics']['ppl_ratio']:.3f})")
     if overrides:
         WITH_OVERRIDES[family.name] = f"{preset} with {', '.join(overrides)}: {outcome}"
     else:
@@ -140,7 +140,7 @@ def test_an_uncalibrated_expert_fails_verification_naming_it(tiny_model, real_st
     recipe = _recipe(tiny_model("qwen3_moe"), "fp8", "export.formats=[hf]", "build.backend=none")
     built = {o.stage: o.artifact for o in runner.run(recipe, real_store).outcomes}
     store = ArtifactStore(tmp_path / "store")  # a private copy sharing the files by hard links
-    for stage in ("load", "calibrate", "quantize", "export"):
+    for stage in ("load", "reference", "calibrate", "quantize", "export"):
         shutil.copytree(built[stage].path, store.root / stage / built[stage].path.name, copy_function=os.link)
     export = built["export"]
     checkpoint = store.root / "export" / export.path.name / "hf" / "model.safetensors"
@@ -159,7 +159,7 @@ def test_an_uncalibrated_expert_fails_verification_naming_it(tiny_model, real_st
 def test_windows_start_with_bos_when_the_tokenizer_adds_it(tiny_model):
     from transformers import AutoTokenizer
 
-    from pipeline.evaluate import eval_windows
+    from pipeline.verify.evaluate import eval_windows
 
     with_bos = AutoTokenizer.from_pretrained(tiny_model("gemma2", add_bos=True))
     without = AutoTokenizer.from_pretrained(tiny_model("qwen3"))

@@ -19,7 +19,7 @@ CI_MATRIX = {
     "name": "ci",
     "base": "default",
     "set": {**{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in TINY)}, "export.formats": ["onnx"],
-            "verify.ppl_ratio_max": 3.0, "verify.gen_agreement_min": 0.2},
+            "verify.thresholds": {"ppl_ratio": 3.0, "gen_agreement": 0.2}},
     "axes": {"formats": ["fp8", "int8_sq"], "targets": ["ada", "blackwell-rtx"]},
 }
 

@@ -36,14 +36,15 @@ def test_calibration_change_reruns_calibrate_and_after_only(run_preset, real_sto
     assert steps["load"].hit and not steps["calibrate"].hit
     assert steps["calibrate"].reasons == ["calibration.seed: 0 -> 7"]
     assert statuses(runner.run(changed, real_store, until="export")) == {
-        "load": "hit", "calibrate": "built", "quantize": "built", "export": "built"}
+        "load": "hit", "reference": "hit", "calibrate": "built", "quantize": "built", "export": "built"}
 
 
 def test_tensor_parallel_export_reuses_the_calibration(run_preset):
     run_preset("fp8")
     # SmolLM2 has 9 query and 3 KV heads: tp=3 is the sharding it allows (tp=2 is refused, see test_bad_input).
     result = run_preset("fp8", "export.formats=[trtllm]", "export.tp=3")
-    assert statuses(result) == {"load": "hit", "calibrate": "hit", "quantize": "hit", "export": "built"}
+    assert statuses(result) == {"load": "hit", "reference": "hit", "calibrate": "hit", "quantize": "hit",
+                                "export": "built"}
     export = result.outcomes[-1].artifact / "trtllm"
     ranks = sorted(p.name for p in export.glob("rank*.safetensors"))
     assert ranks == ["rank0.safetensors", "rank1.safetensors", "rank2.safetensors"]
@@ -69,14 +70,14 @@ def test_verify_reports_real_numbers_and_is_a_cache_hit(run_preset, real_store):
     result = run_preset("fp8", until="verify")
     verify = result.outcomes[-1].artifact
     report = verify.metadata
-    assert report["passed"] and 1.0 < report["ppl_ratio"] < report["thresholds"]["ppl_ratio_max"]
-    assert report["parity"]["hf"] > 0.99
+    assert report["passed"] and 1.0 < report["metrics"]["ppl_ratio"] < report["thresholds"]["ppl_ratio"]
+    assert report["parity"]["hf"] > 0.99 and report["metrics"]["parity_cosine"] == report["parity"]["hf"]
     assert {"report.json", "report.md", "plot.png"} <= {p.name for p in verify.path.iterdir()}
     assert "PASSED" in (verify / "report.md").read_text()
     assert statuses(run_preset("fp8", until="verify"))["verify"] == "hit"
     rows = json.loads(subprocess.run([sys.executable, "-m", "pipeline", "report", "fp8", "--json", "--cache-dir",
                                       str(real_store.root)], capture_output=True, text=True, check=True).stdout)
-    assert rows[0]["format"] == "fp8" and rows[0]["ppl_ratio"] == report["ppl_ratio"]
+    assert rows[0]["format"] == "fp8" and rows[0]["metrics"] == report["metrics"]
 
 
 def _linked_copy(src: ArtifactStore, dst_root):
@@ -119,7 +120,7 @@ def test_a_corrupted_scale_fails_verification_with_exit_5_naming_the_tensor(run_
 
 
 def test_threshold_miss_exits_5_with_the_numbers(run_preset, real_store, tmp_path):
-    overrides = [arg for item in [*TINY, "verify.ppl_ratio_max=1.00001"] for arg in ("--set", item)]
+    overrides = [arg for item in [*TINY, "verify.thresholds={ppl_ratio: 1.00001}"] for arg in ("--set", item)]
     result = subprocess.run([sys.executable, "-m", "pipeline", "run", "fp8", *overrides,
                              "--cache-dir", str(real_store.root), "--engines-dir", str(tmp_path / "engines")],
                             capture_output=True, text=True, timeout=900)

@@ -79,7 +79,7 @@ class Verify(Stage):
     def run(self, ctx: StageContext) -> dict:
         for name in ("report.md", "report.json", "plot.png"):
             (ctx.out / name).write_text(name)
-        return {"ppl_ratio": 1.01, "agreement": 0.9, "thresholds": {"ppl_ratio_max": 1.1, "agreement_min": 0.5}}
+        return {"metrics": {"ppl_ratio": 1.01, "gen_agreement": 0.9}, "thresholds": {"ppl_ratio": 1.1, "gen_agreement": 0.5}}
 
 
 CHAIN = (Load(), Calibrate(), Export(), Build(), Verify())

@@ -124,3 +124,20 @@ def test_an_engine_for_several_gpus_is_checked_against_each():
     assert load_recipe("fp8", ["build.also_for=[blackwell-rtx, ada]"]).build.also_for == ("sm_120", "sm_89")
     with pytest.raises(UnsupportedOnTarget, match="'tensorrt-rtx' does not run on hopper"):
         check_target(load_recipe("fp8", ["build.also_for=[hopper]"]))
+
+
+def test_verify_thresholds_are_keyed_by_metric_name_and_the_old_keys_still_read_with_a_warning(caplog):
+    from pipeline.verify import metrics
+
+    recipe = load_recipe("int4_awq", ["verify.thresholds={ppl_ratio: 1.4}"])
+    thresholds = metrics.thresholds(recipe.quantization.format, recipe.verify.thresholds)
+    assert thresholds == {"ppl_ratio": 1.4, "gen_agreement": 0.60, "parity_cosine": 0.95}, "the rest: int4_awq's"
+    with caplog.at_level("WARNING", logger="pipeline.recipe"):
+        old = load_recipe("int4_awq", ["verify.ppl_ratio_max=1.4"])
+    assert old.verify.thresholds == recipe.verify.thresholds
+    assert caplog.messages == ["verify.ppl_ratio_max is deprecated: write verify.thresholds: {ppl_ratio: 1.4}"]
+    from pipeline.stages.verify import Verify
+
+    with pytest.raises(BadInput, match=r"verify.thresholds: unknown metric 'ppl_ratio_max' \(did you mean "
+                                       r"'ppl_ratio'\?\); metrics: ppl_ratio, gen_agreement, parity_cosine"):
+        Verify().preflight(load_recipe("fp8", ["verify.thresholds={ppl_ratio_max: 1.1}"]), {})

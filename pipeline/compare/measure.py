@@ -1,5 +1,5 @@
 """What every row of a comparison is measured with, on the same held-out tokens: perplexity ratio and
-teacher-forced agreement against the unquantized model (pipeline.evaluate's helpers, as verify uses them), weight
+teacher-forced agreement against the unquantized model (pipeline.verify.evaluate's helpers, as verify uses them), weight
 bytes against fp16, and greedy decoding speed on this CPU where the result runs here as deployed."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import torch
 
-from pipeline import data, evaluate
+from pipeline import data
+from pipeline.verify import evaluate
 from pipeline.recipe import Recipe
 
 DECODE_STEPS = 32  # greedy tokens timed after the first verify prompt

@@ -9,11 +9,10 @@ from typing import ClassVar
 from pipeline import data
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.reference import EVAL_FIELDS  # what every row is measured on (thresholds play no part)
 from pipeline.store import ArtifactStore
 
 REFERENCE = "compare-reference"
-# What every row is measured on: the verify section's held-out text and prompts (thresholds play no part).
-EVAL_FIELDS = ("verify.dataset", "verify.tokens", "verify.seq_len", "verify.prompts", "verify.max_new_tokens")
 
 
 class Row(Stage):
@@ -22,7 +21,8 @@ class Row(Stage):
     version = "1"
     fields = EVAL_FIELDS
     libraries = ("torch", "transformers")
-    code_modules = ("pipeline.compare.stages", "pipeline.compare.measure", "pipeline.evaluate", "pipeline.modeling", "pipeline.data")
+    code_modules = ("pipeline.compare.stages", "pipeline.compare.measure", "pipeline.verify.evaluate",
+                    "pipeline.modeling", "pipeline.data")
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.verify.dataset, store)}
@@ -40,9 +40,9 @@ class Reference(Row):
     inputs = ("load",)
 
     def run(self, ctx: StageContext) -> dict:
-        from pipeline import evaluate
         from pipeline.compare import measure
         from pipeline.modeling import load_model
+        from pipeline.verify import evaluate
 
         loaded = ctx.input("load")
         model, tokenizer = load_model(loaded / "model")

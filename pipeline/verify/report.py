@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.fmt import human_bytes, in_unit
+from pipeline.verify import metrics
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "plot.png"
 PLOT_UNIT = "MiB"
@@ -25,7 +26,7 @@ def windows(r: dict) -> str:
 
 
 def markdown(r: dict) -> str:
-    t, on = r["thresholds"], windows(r)
+    on = windows(r)
     lines = [
         f"# Verification: {r['format']} — {'PASSED' if r['passed'] else 'FAILED'}",
         "",
@@ -36,8 +37,7 @@ def markdown(r: dict) -> str:
         "| --- | --- | --- |",
         f"| perplexity, unquantized model ({on}) | {r['ppl_original']:.3f} | |",
         f"| perplexity, quantized model ({on}) | {r['ppl_quantized']:.3f} | |",
-        f"| perplexity ratio, quantized / unquantized ({on}) | {r['ppl_ratio']:.4f} | <= {t['ppl_ratio_max']} |",
-        f"| greedy generation agreement | {r['agreement']:.1%} | >= {t['agreement_min']:.0%} |",
+        *_metric_rows(r),
     ]
     for fmt, e in r["exports"].items():
         lines += _export_rows(fmt, e, r)
@@ -62,6 +62,14 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _metric_rows(r: dict) -> list[str]:
+    rows = []
+    for name, value in r["metrics"].items():
+        label, shown, bound = metrics.shown(name, value, r["thresholds"].get(name), windows(r))
+        rows.append(f"| {label} (`{name}`) | {shown} | {bound} |")
+    return rows
+
+
 def _export_rows(fmt: str, e: dict, r: dict) -> list[str]:
     t = r["thresholds"]
     if fmt == "onnx" and "onnxruntime" in e:
@@ -70,7 +78,7 @@ def _export_rows(fmt: str, e: dict, r: dict) -> list[str]:
     if fmt == "onnx":
         return [
             f"| onnx in onnxruntime vs the quantized model: top-1 agreement / logit cosine ({e['ppl_windows']}) "
-            f"| {e['agreement']:.1%} / {e['cosine']:.4f} | >= {t['agreement_min']:.0%} |",
+            f"| {e['agreement']:.1%} / {e['cosine']:.4f} | >= {t['gen_agreement']:.0%} |",
             f"| onnx in onnxruntime: perplexity ({e['ppl_windows']}; quantized model in PyTorch: "
             f"{r['ppl_quantized']:.3f}) | {e['ppl']:.3f} | |",
             f"| onnx decode speed in onnxruntime on this host's CPU | {e['tokens_per_second']} tokens/s | |",
@@ -78,7 +86,7 @@ def _export_rows(fmt: str, e: dict, r: dict) -> list[str]:
         ]
     if e["parity"]:
         return [f"| {fmt} export logit cosine vs calibrated model, weights only ({windows(r)}) | {e['parity']['cosine']:.5f} "
-                f"(max abs {e['parity']['max_abs_error']}) | >= {t['parity_cosine_min']} |",
+                f"(max abs {e['parity']['max_abs_error']}) | >= {t['parity_cosine']} |",
                 f"| {fmt} export, dequantized weights (activations unquantized): perplexity ({windows(r)}) | "
                 f"{e['ppl_dequantized']:.3f} | |"]
     return [f"| {fmt} export shards | {len(e['shards'])} rank files, checked for completeness | |"]
@@ -104,7 +112,7 @@ def figure(r: dict, layers: dict[str, list[dict]]):
     sizes = [in_unit(b, PLOT_UNIT) for b in (r["fp16_bytes"], *r["sizes"].values())]
     left.bar(names, sizes, color=["grey", *["tab:blue"] * len(r["sizes"])])
     left.set_ylabel(f"size ({PLOT_UNIT}, 2^20 bytes)")
-    left.set_title(f"size; perplexity ratio {r['ppl_ratio']:.3f} (max {r['thresholds']['ppl_ratio_max']}, "
+    left.set_title(f"size; perplexity ratio {r['metrics']['ppl_ratio']:.3f} (max {r['thresholds']['ppl_ratio']}, "
                    f"{windows(r)})")
     for fmt, rows in layers.items():
         for label, marker, part in _series(fmt, rows):
