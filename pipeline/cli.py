@@ -16,19 +16,27 @@ import click
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from pipeline import generate as gen
 from pipeline import host, runner, runs, targets
 from pipeline.errors import BadInput, CellsFailed, QuantpipeError, VerificationFailed
+from pipeline.files import write_json_atomic
 from pipeline.fmt import human_bytes, parse_age, parse_size
 from pipeline.publish import published_keys
 from pipeline.recipe import load_recipe, presets
 from pipeline.stages import NAMES, by_name
-from pipeline.files import write_json_atomic
 from pipeline.store import ArtifactStore, gc
+
 
 class ReaderSafeStdout:
     """stdout that outlives its reader: when a pipe's reader goes away (`quantpipe run --json | head`), further

@@ -20,8 +20,17 @@ from pydantic import Field, ValidationError, field_validator
 
 from pipeline import host, runner, runs
 from pipeline.errors import BadInput, QuantpipeError, UnsupportedOnTarget, VerificationFailed
-from pipeline.recipe import (NAME_PATTERN, Format, Recipe, Section, canonical_format, describe_error, load_recipe,
-                             parse_yaml, presets)
+from pipeline.recipe import (
+    NAME_PATTERN,
+    Format,
+    Recipe,
+    Section,
+    canonical_format,
+    describe_error,
+    load_recipe,
+    parse_yaml,
+    presets,
+)
 from pipeline.store import ArtifactStore
 
 EventSink = Callable[[dict], None]

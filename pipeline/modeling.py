@@ -11,7 +11,6 @@ from pathlib import Path
 from pipeline import architectures
 from pipeline.errors import BadInput
 
-
 # Quiet on success: no library progress bars. Set at import, before tqdm or transformers read them.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")  # GGUF import and ModelOpt use tqdm directly

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pipeline import card, genai, host, serving
 from pipeline.errors import BadInput, VerificationFailed
-from pipeline.recipe import Recipe
 from pipeline.files import copy_hashed, sha256_file
+from pipeline.recipe import Recipe
 from pipeline.store import Artifact, ArtifactStore
 
 log = logging.getLogger(__name__)

@@ -3,9 +3,9 @@ The fast subset; bench/faults.py runs the full randomised set."""
 
 import pytest
 
-from tests.faults import fingerprint, seed_store, trial
 from pipeline.stages import NAMES
 from tests.conftest import TINY
+from tests.faults import fingerprint, seed_store, trial
 
 pytestmark = pytest.mark.slow
 ARGS = ["fp8", *[a for item in TINY for a in ("--set", item)], "--until", "export"]

@@ -9,8 +9,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from pipeline import runner
-from pipeline.recipe import load_recipe
 from pipeline.files import write_json_atomic
+from pipeline.recipe import load_recipe
 from pipeline.store import MANIFEST, ArtifactStore
 from tests.conftest import TINY
 

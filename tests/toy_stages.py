@@ -8,8 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.facts import Facts
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Facts, Stage, StageContext
+from pipeline.stages.base import Stage, StageContext
 
 
 class ToyStage(Stage):

@@ -57,6 +57,7 @@ def registry() -> dict[str, BackendInfo]:
 class Builder:
     info: BackendInfo
     libraries: tuple[str, ...] = ()  # distributions whose versions key the build
+    Facts: type  # the pydantic model (pipeline.facts.Facts) of what `build` returns; its `backend` field tells it apart
 
     def missing(self, recipe) -> str | None:
         """What this host lacks to build for the recipe's target (None when it can)."""
@@ -66,7 +67,7 @@ class Builder:
         """Host facts the artifact depends on beyond library versions (GPU architecture for on-GPU builds)."""
         return {}
 
-    def build(self, ctx, tool_cache: Path) -> dict:
+    def build(self, ctx, tool_cache: Path):
         """Build into ctx.out from ctx's inputs; `tool_cache` persists builder caches (timing caches) across builds."""
         raise NotImplementedError
 

@@ -4,6 +4,9 @@ describes them). Only the build stage and verify import this, so only their keys
 from __future__ import annotations
 
 import functools
+from typing import Annotated, Any, Union
+
+from pydantic import Field
 
 from pipeline import backends
 from pipeline.backends import Builder
@@ -28,3 +31,13 @@ def _built_in() -> dict[str, Builder]:
 
 def builder(name: str) -> Builder:
     return {**_built_in(), **_ADDED}[name]
+
+
+def facts_of_builders() -> Any:
+    """The build stage's facts type: any registered builder's facts, told apart by their `backend` field."""
+    return _union(tuple(b.Facts for b in {**_built_in(), **_ADDED}.values()))
+
+
+@functools.cache
+def _union(kinds: tuple[type, ...]) -> Any:
+    return Annotated[Union[kinds], Field(discriminator="backend")]  # noqa: UP007 (a union built from a tuple)

@@ -7,9 +7,11 @@ import collections
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from pipeline import host
 from pipeline.backends import Builder, registry
+from pipeline.facts import Facts
 
 ENGINE_FILE = "model.engine"
 ENGINE_MAGIC = b"vtrt"  # the first bytes of a serialized TensorRT-RTX engine
@@ -27,11 +29,27 @@ def _trt_logger():
     return _logger
 
 
+class TensorRTRTXFacts(Facts):
+    """A TensorRT-RTX engine compiled ahead of time: for which GPUs, with which profile, and the Q/DQ layers the
+    builder saw."""
+
+    backend: Literal["tensorrt-rtx"]
+    engine_bytes: int
+    tensorrt_rtx: str
+    compute_capability: str  # e.g. "SM89,SM120"
+    build_seconds: float
+    profile: dict[str, tuple[int, int, int]]  # min, opt, max of batch, new tokens and past tokens
+    quantize_layers: dict[str, int]
+    checks: list[str]
+    not_checked: str
+
+
 class TensorRTRTX(Builder):
     """Builds ahead of time on any host: the target's compute capability is in the key, not this host's GPU."""
 
     info = registry()["tensorrt-rtx"]
     libraries = ("tensorrt-rtx",)
+    Facts = TensorRTRTXFacts
 
     def missing(self, recipe) -> str | None:
         if not host.has_module("tensorrt_rtx"):

@@ -11,12 +11,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
 from pipeline import formats, host, serving
 from pipeline.backends import Builder, registry
 from pipeline.errors import HostLacks
+from pipeline.facts import Facts
 
 
 def interpreter() -> str:
@@ -57,10 +59,25 @@ class _TrtllmBackend(Builder):
     environment = staticmethod(_environment)
 
 
+class TrtllmEngineFacts(Facts):
+    backend: Literal["trtllm"]
+    engine_bytes: int
+    command: list[str]
+    engines: int
+    tensorrt_llm: str | None
+
+
+class TrtllmPytorchFacts(Facts):
+    backend: Literal["trtllm-pytorch"]
+    options: dict[str, Any]
+    tensorrt_llm: str | None
+
+
 class TrtllmEngine(_TrtllmBackend):
     """A TensorRT engine from the exported TensorRT-LLM checkpoint with trtllm-build (TensorRT-LLM <= 1.2)."""
 
     info = registry()["trtllm"]
+    Facts = TrtllmEngineFacts
 
     def build(self, ctx, tool_cache: Path) -> dict:
         spec, fmt = ctx.recipe.build, ctx.recipe.quantization.format
@@ -87,6 +104,7 @@ class TrtllmPytorch(_TrtllmBackend):
     """The PyTorch-backend deployable: the HF checkpoint plus LLM API options, loaded once to warm the autotuner."""
 
     info = registry()["trtllm-pytorch"]
+    Facts = TrtllmPytorchFacts
 
     def build(self, ctx, tool_cache: Path) -> dict:
         checkpoint = ctx.input("export") / self.info.export

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import torch
 
 from pipeline import data
-from pipeline.verify import evaluate
 from pipeline.recipe import Recipe
+from pipeline.verify import evaluate
 
 DECODE_STEPS = 32  # greedy tokens timed after the first verify prompt
 

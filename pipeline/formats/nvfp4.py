@@ -1,7 +1,16 @@
 """NVFP4: E2M1 weights and activations with an FP8 scale per 16 values and an fp32 scale, Blackwell (sm_100+)."""
 
-from pipeline.formats.base import (SGLANG, TRTLLM, VLLM, Contract, CpuQuantizer, QuantFormat, WeightCodec, blocks,
-                                   thresholds)
+from pipeline.formats.base import (
+    SGLANG,
+    TRTLLM,
+    VLLM,
+    Contract,
+    CpuQuantizer,
+    QuantFormat,
+    WeightCodec,
+    blocks,
+    thresholds,
+)
 from pipeline.formats.int4_awq import BLOCK_ALGORITHMS
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict
-
 from pipeline import codeid, host
 from pipeline.recipe import Recipe
 from pipeline.store import Artifact, ArtifactStore
@@ -44,12 +42,6 @@ class StageContext:
     def input(self, stage: str) -> Artifact:
         return self.inputs[stage]
 
-
-class Facts(BaseModel):
-    """Base of a stage's typed facts (the metadata its `run` returns, stored in the manifest). Unknown fields are
-    refused, so a manifest written with another shape reads as damaged or outdated and is rebuilt."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Stage:

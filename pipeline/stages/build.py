@@ -3,48 +3,12 @@ architecture and the backend's versions too, because an engine runs only where i
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
-
-from pydantic import Field
-
 from pipeline import host
-from pipeline.backends.builders import builder
+from pipeline.backends.builders import builder, facts_of_builders
 from pipeline.errors import BadInput, HostLacks
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Facts, Stage, StageContext
-
-
-class TensorRTRTXFacts(Facts):
-    """A TensorRT-RTX engine compiled ahead of time: for which GPUs, with which profile, and the Q/DQ layers the
-    builder saw."""
-
-    backend: Literal["tensorrt-rtx"]
-    engine_bytes: int
-    tensorrt_rtx: str
-    compute_capability: str  # e.g. "SM89,SM120"
-    build_seconds: float
-    profile: dict[str, tuple[int, int, int]]  # min, opt, max of batch, new tokens and past tokens
-    quantize_layers: dict[str, int]
-    checks: list[str]
-    not_checked: str
-
-
-class TrtllmEngineFacts(Facts):
-    backend: Literal["trtllm"]
-    engine_bytes: int
-    command: list[str]
-    engines: int
-    tensorrt_llm: str | None
-
-
-class TrtllmPytorchFacts(Facts):
-    backend: Literal["trtllm-pytorch"]
-    options: dict[str, Any]
-    tensorrt_llm: str | None
-
-
-BuildFacts = Annotated[TensorRTRTXFacts | TrtllmEngineFacts | TrtllmPytorchFacts, Field(discriminator="backend")]
+from pipeline.stages.base import Stage, StageContext
 
 
 class Build(Stage):
@@ -52,7 +16,11 @@ class Build(Stage):
     version = "1"
     inputs = ("load", "calibrate", "export")
     fields = ("build", "target")
-    Facts = BuildFacts
+
+    @property
+    def Facts(self):  # noqa: N802 (the Stage attribute)
+        """Whichever backend built it: each builder declares its facts, told apart by their `backend` field."""
+        return facts_of_builders()
 
     def applies(self, recipe: Recipe) -> bool:
         return recipe.build.backend != "none"
@@ -70,9 +38,9 @@ class Build(Stage):
         if problem:
             raise HostLacks(problem)
 
-    def summary(self, facts: BuildFacts) -> str:
+    def summary(self, facts) -> str:
         size = f", {human_bytes(facts.engine_bytes)}" if hasattr(facts, "engine_bytes") else ""
         return f"{facts.backend}{size}"
 
-    def run(self, ctx: StageContext) -> BuildFacts:
+    def run(self, ctx: StageContext):
         return builder(ctx.recipe.build.backend).build(ctx, ctx.tool_cache)

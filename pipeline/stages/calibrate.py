@@ -16,9 +16,10 @@ from pathlib import Path
 
 from pipeline import data, placement
 from pipeline.errors import BadInput
+from pipeline.facts import Facts
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Facts, Stage, StageContext
+from pipeline.stages.base import Stage, StageContext
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)

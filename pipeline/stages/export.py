@@ -15,12 +15,13 @@ from typing import Any
 
 from pipeline import architectures, card, host
 from pipeline.errors import BadInput, HostLacks, UnsupportedOnTarget
+from pipeline.facts import Facts
+from pipeline.files import link_tree
 from pipeline.fmt import human_bytes
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Facts, Stage, StageContext
+from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.quantize import CHECKPOINT
 from pipeline.state import MODEL_STATE
-from pipeline.files import link_tree
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from pipeline import data
 from pipeline.errors import BadInput
+from pipeline.facts import Facts
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Facts, Stage, StageContext
+from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import check_seq_len
 from pipeline.store import ArtifactStore
 

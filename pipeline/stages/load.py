@@ -15,10 +15,11 @@ from pathlib import Path
 
 from pipeline import architectures
 from pipeline.errors import BadInput
+from pipeline.facts import Facts
 from pipeline.modeling import INDEX_FILE, quiet_libraries, weight_files
 from pipeline.placement import PLACEMENT_FIELDS
 from pipeline.recipe import Recipe
-from pipeline.stages.base import Facts, Stage, StageContext
+from pipeline.stages.base import Stage, StageContext
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)

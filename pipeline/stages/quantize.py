@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
+from pipeline.facts import Facts
 from pipeline.fmt import human_bytes
-from pipeline.stages.base import Facts, Stage, StageContext
+from pipeline.stages.base import Stage, StageContext
 from pipeline.state import MODEL_STATE
 
 CHECKPOINT = "checkpoint"
