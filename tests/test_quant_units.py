@@ -86,8 +86,10 @@ def test_plan_refuses_a_block_size_that_divides_no_layer():
 def test_calibration_restores_to_the_same_outputs(tmp_path, fmt):
     """SmoothQuant rescales weights in place: the state stores its scales and replays them."""
     model = tiny_llama()
-    weights = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, weights)
+    weights = tmp_path / "model"  # the model directory calibration started from (one file here; shards work too)
+    weights.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              weights / "model.safetensors")
     before = weight_digests(model)
     calibrated(fmt, model)
     (tmp_path / "state").mkdir()
@@ -114,7 +116,7 @@ def test_every_format_dequantizes_to_what_modelopt_computes(tmp_path, fmt):
             quantizer = getattr(module, "weight_quantizer", None)
             if quantizer is not None and quantizer.is_enabled:
                 expected[name] = quantizer(module.weight).float()
-    export_unified(model, torch.float16, tmp_path)
+    export_unified(model, torch.float16, tmp_path, max_shard_size="10GB")
     weights, problems = effective_weights(tmp_path, shapes)
     assert problems == []
     tolerance = formats.get(fmt).layer_tolerance
