@@ -35,10 +35,10 @@ def goal(search: dict) -> str:
         return f"Nothing met {tune.Bar(**search['bar']).describe()}: no artifact chosen (exit 5)."
     budget = (chosen["quantization"].get("auto") or {}).get("effective_bits")
     verdict = ("smaller than" if chosen["bytes"] < fp8["bytes"] else "not smaller than") if fp8 else "vs"
-    lines = [f"Chosen: **{chosen['label']}**, {chosen['bytes'] / chosen['fp16_bytes']:.3f}x of fp16, "
-             f"{chosen['bits']:.2f} bits per weight outside the embeddings (scales included)"
-             f"{f', AutoQuantize budget {budget} effective bits' if budget else ''}, ppl ratio "
-             f"{chosen['ppl_ratio']:.3f}, agreement {chosen['agreement']:.1%}."]
+    lines = [(f"Chosen: **{chosen['label']}**, {chosen['bytes'] / chosen['fp16_bytes']:.3f}x of fp16, "
+              f"{chosen['bits']:.2f} bits per weight outside the embeddings (scales included)"
+              f"{f', AutoQuantize budget {budget} effective bits' if budget else ''}, ppl ratio "
+              f"{chosen['ppl_ratio']:.3f}, agreement {chosen['agreement']:.1%}.")]
     if fp8:
         lines.append(f"Against the FP8 preset's quantization ({fp8['bytes'] / fp8['fp16_bytes']:.3f}x of fp16, "
                      f"{fp8['bits']:.2f} bits, ppl ratio {fp8['ppl_ratio']:.3f}): size ratio "
@@ -49,8 +49,9 @@ def goal(search: dict) -> str:
 def section(search: dict, command: str, seconds: float, code: int) -> str:
     return "\n".join([
         START, "## Smallest artifact meeting a quality bar (`quantpipe tune`)", "",
-        f"`{command}`: exit {code}, {seconds / 60:.1f} min for this (cached) run on {platform.platform()}, 2 shared "
-        "cores. Sizes are the unified HF checkpoint; bits are per weight outside the embeddings, scales included.",
+        (f"`{command}`: exit {code}, {seconds / 60:.1f} min for this (cached) run on {platform.platform()}, "
+         "2 shared cores. Sizes are the unified HF checkpoint; bits are per weight outside the embeddings, scales "
+         "included."),
         "", *(line for line in (OUT / tune.REPORT_MD).read_text().splitlines() if line.startswith("|")), "",
         goal(search), "",
         f"![size against perplexity ratio](tune/{tune.PLOT})", END,
@@ -63,13 +64,14 @@ def main() -> None:
     parser.add_argument("--max-ppl-ratio", default="1.05")
     parser.add_argument("--formats", default="fp8,nvfp4")
     parser.add_argument("--set", dest="overrides", action="append",
-                        default=["target=blackwell", "calibration.samples=16"], metavar="KEY=VALUE")
+                        default=["target=blackwell", "quantization.kv_cache=none", "calibration.samples=16"],
+                        metavar="KEY=VALUE")
     args = parser.parse_args()
     command = ["quantpipe", "tune", args.recipe, *(f"--set={o}" for o in args.overrides),
                f"--max-ppl-ratio={args.max_ppl_ratio}", f"--formats={args.formats}",
                f"--out={OUT.relative_to(BENCH.parent)}"]
     started = time.time()
-    code = subprocess.run([sys.executable, "-m", "pipeline", *command[1:]], cwd=BENCH.parent).returncode
+    code = subprocess.run([sys.executable, "-m", "pipeline", *command[1:]], cwd=BENCH.parent, check=False).returncode
     if code not in (0, 5):
         sys.exit(code)
     search = json.loads((OUT / tune.TUNE_JSON).read_text())

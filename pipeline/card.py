@@ -50,9 +50,10 @@ def render(facts: dict) -> str:
 def search_section(search: dict) -> list[str]:
     """How `quantpipe tune` chose this artifact: the bar and every candidate it measured."""
     lines = ["## How it was chosen", "",
-             f"`quantpipe tune` picked the smallest {search['objective']} meeting {search['bar']} on the held-out "
-             f"text among {len(search['candidates'])} candidates:", "",
-             "| candidate | result | ppl ratio | agreement | size vs fp16 | bits |", "| --- | --- | --- | --- | --- | --- |"]
+             (f"`quantpipe tune` picked the smallest {search['objective']} meeting {search['bar']} on the held-out "
+              f"text among {len(search['candidates'])} candidates:"), "",
+             "| candidate | result | ppl ratio | agreement | size vs fp16 | bits |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for c in search["candidates"]:
         if c["ppl_ratio"] is None:
             lines.append(f"| {c['label']} | not run: {c['error']} | | | | |")

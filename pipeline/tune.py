@@ -354,8 +354,8 @@ def cells(result: Result, search_result: Search | None = None) -> list[str]:
 
 def markdown(search_result: Search, command: str) -> str:
     lines = [f"# quantpipe tune: {search_result.recipe} for {search_result.target}", "", f"`{command}`", "",
-             f"Bar: {search_result.bar.describe()} on the held-out text; objective: smallest "
-             f"{search_result.objective}.", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+             (f"Bar: {search_result.bar.describe()} on the held-out text; objective: smallest "
+              f"{search_result.objective}."), "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in cells(r, search_result)) + " |"
               for r in search_result.results]
     return "\n".join([*lines, "", f"![size against perplexity ratio]({PLOT})", ""])
