@@ -67,7 +67,8 @@ def main() -> None:
     # Off by default here to fit the CPU time of a shared 2-core machine; the ladder is the path below FP8.
     parser.add_argument("--exclude-steps", default="none")
     parser.add_argument("--set", dest="overrides", action="append",
-                        default=["target=blackwell", "quantization.kv_cache=none", "calibration.samples=16"],
+                        default=["target=blackwell", "quantization.kv_cache=none", "calibration.samples=16",
+                                 "verify.tokens=1024", "verify.max_new_tokens=16"],
                         metavar="KEY=VALUE")
     args = parser.parse_args()
     command = ["quantpipe", "tune", args.recipe, *(f"--set={o}" for o in args.overrides),
