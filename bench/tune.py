@@ -37,7 +37,7 @@ def goal(search: dict) -> str:
     budget = (chosen["quantization"].get("auto") or {}).get("effective_bits")
     verdict = ("smaller than" if chosen["bytes"] < fp8["bytes"] else "not smaller than") if fp8 else "vs"
     lines = [(f"Chosen: **{chosen['label']}**, {chosen['bytes'] / chosen['fp16_bytes']:.3f}x of fp16, "
-              f"{chosen['bits']:.2f} bits per weight outside the embeddings (scales included)"
+              f"{chosen['bits']:.2f} bits per weight outside the embeddings and lm_head (scales included)"
               f"{f', AutoQuantize budget {budget} effective bits' if budget else ''}, ppl ratio "
               f"{chosen['ppl_ratio']:.3f}, agreement {chosen['agreement']:.1%}.")]
     if fp8:
@@ -51,8 +51,8 @@ def section(search: dict, command: str, seconds: float, code: int) -> str:
     return "\n".join([
         START, "## Smallest artifact meeting a quality bar (`quantpipe tune`)", "",
         (f"`{command}`: exit {code}, {seconds / 60:.1f} min for this (cached) run on {platform.platform()}, "
-         "2 shared cores. Sizes are the unified HF checkpoint; bits are per weight outside the embeddings, scales "
-         "included."),
+         "2 shared cores. Sizes are the unified HF checkpoint; bits are per weight outside the embeddings and lm_head, "
+         "scales included."),
         "", *(line for line in (OUT / tune.REPORT_MD).read_text().splitlines() if line.startswith("|")), "",
         goal(search), "",
         f"![size against perplexity ratio](tune/{tune.PLOT})", END,
@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--exclude-steps", default="none")
     parser.add_argument("--set", dest="overrides", action="append",
                         default=["target=blackwell", "quantization.kv_cache=none", "calibration.samples=16",
-                                 "verify.tokens=1024", "verify.max_new_tokens=16"],
+                                 "verify.tokens=512", "verify.max_new_tokens=8",
+                                 "verify.prompts=['What is the capital of France?', 'List three prime numbers.']"],
                         metavar="KEY=VALUE")
     args = parser.parse_args()
     command = ["quantpipe", "tune", args.recipe, *(f"--set={o}" for o in args.overrides),

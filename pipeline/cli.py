@@ -439,7 +439,7 @@ def targets_command(store: ArtifactStore, as_json: bool) -> None:
 @click.option("--min-agreement", type=float, default=None,
               help="Smallest teacher-forced token agreement, e.g. 0.85 (default: no agreement bar).")
 @click.option("--objective", type=click.Choice(["size", "bits"]), default="size", show_default=True,
-              help="size: checkpoint bytes; bits: bits per weight outside the embeddings.")
+              help="size: checkpoint bytes; bits: bits per weight outside the embeddings and lm_head.")
 @click.option("--formats", default=None, metavar="LIST",
               help="Comma-separated single formats to try (default: every format the target runs).")
 @click.option("--exclude-steps", default="8,32", show_default=True, metavar="COUNTS",

@@ -271,12 +271,13 @@ def _evaluate(ref: str | None, overrides: list[str], bar: Bar, base: Recipe, can
 
 
 def checkpoint_bits(folder: Path) -> float:
-    """Bits per parameter of the checkpoint's weights outside the embeddings (the layers quantization can reach),
-    scales included, from the safetensors headers: the measure AutoQuantize's effective-bits budget speaks."""
+    """Bits per parameter of the checkpoint's weights outside the input and output embeddings (the layers the
+    formats quantize), scales included, from the safetensors headers: what AutoQuantize's budget counts, plus
+    the scales' cost."""
     stored = params = 0
     for path in folder.glob("*.safetensors"):
         for name, info in _safetensors_header(path).items():
-            if name == "__metadata__" or "embed_tokens" in name:
+            if name == "__metadata__" or "embed_tokens" in name or name.startswith("lm_head."):
                 continue
             start, end = info["data_offsets"]
             stored += end - start

@@ -108,8 +108,9 @@ def test_exclusion_leaves_the_layers_with_the_largest_weight_error_unquantized()
     assert candidate.slug == "int4_awq-x2"
 
 
-def test_bits_count_weights_and_scales_outside_the_embeddings(tmp_path):
+def test_bits_count_weights_and_scales_outside_the_input_and_output_embeddings(tmp_path):
     save_file({"model.embed_tokens.weight": torch.zeros(1000, 64, dtype=torch.float16),
+               "lm_head.weight": torch.zeros(1000, 64, dtype=torch.float16),
                "model.layers.0.mlp.up_proj.weight": torch.zeros(128, 64, dtype=torch.float8_e4m3fn),
                "model.layers.0.mlp.up_proj.weight_scale": torch.zeros((), dtype=torch.float32),
                "model.layers.0.mlp.down_proj.weight": torch.zeros(64, 64, dtype=torch.uint8),  # packed 4-bit
