@@ -1,0 +1,68 @@
+"""Mixed precision (quantization.format: auto): ModelOpt AutoQuantize's sensitivity scores cached as their own
+artifact, a per-layer map within the budget, exported per layer and dequantized; bad input refused before work."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from pipeline import autoquant, dequant, runner
+from pipeline.errors import BadInput, UnsupportedOnTarget
+from pipeline.recipe import load_recipe
+from pipeline.store import ArtifactStore
+from tests.test_architectures import _recipe, tiny_model, tokenizer_dir  # noqa: F401 (fixtures)
+
+AUTO = ("quantization.format=auto", "quantization.auto.candidates=[nvfp4,fp8]", "target.gpu=blackwell",
+        "export.formats=[hf]", "build.backend=none")
+
+
+def _run(tiny_model, store, bits: float, until="export"):  # noqa: F811
+    recipe = _recipe(tiny_model("llama"), "default", *AUTO, f"quantization.auto.effective_bits={bits}")
+    return {o.stage: o for o in runner.run(recipe, store, until=until).outcomes}
+
+
+@pytest.mark.slow
+def test_auto_picks_a_per_layer_map_within_budget_and_exports_it(tiny_model, tmp_path):  # noqa: F811
+    store = ArtifactStore(tmp_path / "store")
+    first = _run(tiny_model, store, 6.0)
+    formats = first["calibrate"].artifact.metadata["layer_formats"]
+    assert set(formats.values()) <= {"nvfp4", "fp8", "none"} and len(set(formats.values())) > 1
+    shapes = {name: tuple(t.shape) for name, t in load_file(tiny_model("llama") / "model.safetensors").items()}
+    sizes = {n: shapes[f"{n}.weight"][0] * shapes[f"{n}.weight"][1] for n in formats}
+    assert autoquant.effective_bits(formats, sizes) <= 6.0
+    hf = first["export"].artifact.path / "hf"
+    quant = json.loads((hf / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "MIXED_PRECISION"
+    exported = {name: layer["quant_algo"] for name, layer in quant["quantized_layers"].items()}
+    assert exported == {n: {"nvfp4": "NVFP4", "fp8": "FP8"}[f] for n, f in formats.items() if f != "none"}
+    weights, problems = dequant.effective_weights(hf, {n: shapes[f"{n}.weight"] for n in formats})
+    assert problems == [] and set(exported) <= set(weights)
+
+    # A second budget: the sensitivity artifact is a hit (no new backward pass), calibrate re-solves the map.
+    second = _run(tiny_model, store, 4.5, until="calibrate")
+    assert second["sensitivity"].status == "hit" and second["calibrate"].status == "built"
+    assert second["calibrate"].artifact.metadata["layer_formats"] != formats
+
+
+@pytest.mark.parametrize(("overrides", "error", "message"), [
+    (("quantization.auto.effective_bits=3.5",), BadInput, "effective_bits 3.5 is outside what the candidates reach"),
+    (("quantization.auto.effective_bits=16.5",), BadInput, "use 4.0 (all nvfp4) to 16"),
+    (("quantization.auto.candidates=[int4_awq]",), BadInput, "'int4_awq' is not allowed"),
+    (("quantization.auto.candidates=[]",), BadInput, "quantization.auto.candidates"),
+    (("quantization.kv_cache=fp8",), BadInput, "format auto does not quantize the KV cache"),
+    (("target.gpu=ada",), UnsupportedOnTarget, "'nvfp4' does not run on ada"),
+    (("target.gpu=blackwell-rtx", "build.backend=tensorrt-rtx"), UnsupportedOnTarget,
+     "build.backend 'tensorrt-rtx' cannot build quantization.format 'auto'"),
+    (("export.formats=[hf,onnx]",), UnsupportedOnTarget, "export.formats 'onnx' cannot hold"),
+])
+def test_bad_input_is_refused_before_any_work(overrides, error, message, tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        runner.plan(load_recipe("default", [*AUTO, *overrides]), store)
+    assert not (store.root / "load").exists()
+
+
+def test_auto_section_belongs_to_format_auto():
+    with pytest.raises(BadInput, match="quantization.auto applies only to format auto"):
+        load_recipe("fp8", ["quantization.auto.effective_bits=5"])
+    assert load_recipe("default", list(AUTO)).quantization.auto.effective_bits == 6.0
