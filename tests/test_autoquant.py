@@ -13,7 +13,7 @@ from pipeline.store import ArtifactStore
 from tests.test_architectures import _recipe, tiny_model, tokenizer_dir  # noqa: F401 (fixtures)
 
 AUTO = ("quantization.format=auto", "quantization.auto.candidates=[nvfp4,fp8]", "target.gpu=blackwell",
-        "export.formats=[hf]", "build.backend=none")
+        "export.formats=[hf,trtllm]", "build.backend=none")
 
 
 def _run(tiny_model, store, bits: float, until="export"):  # noqa: F811
@@ -30,13 +30,19 @@ def test_auto_picks_a_per_layer_map_within_budget_and_exports_it(tiny_model, tmp
     shapes = {name: tuple(t.shape) for name, t in load_file(tiny_model("llama") / "model.safetensors").items()}
     sizes = {n: shapes[f"{n}.weight"][0] * shapes[f"{n}.weight"][1] for n in formats}
     assert autoquant.effective_bits(formats, sizes) <= 6.0
-    hf = first["export"].artifact.path / "hf"
-    quant = json.loads((hf / "hf_quant_config.json").read_text())["quantization"]
-    assert quant["quant_algo"] == "MIXED_PRECISION"
-    exported = {name: layer["quant_algo"] for name, layer in quant["quantized_layers"].items()}
-    assert exported == {n: {"nvfp4": "NVFP4", "fp8": "FP8"}[f] for n, f in formats.items() if f != "none"}
-    weights, problems = dequant.effective_weights(hf, {n: shapes[f"{n}.weight"] for n in formats})
-    assert problems == [] and set(exported) <= set(weights)
+    original = load_file(tiny_model("llama") / "model.safetensors")
+    for layout in ("hf", "trtllm"):
+        folder = first["export"].artifact.path / layout
+        info = dequant.read_config(folder)
+        assert info["quant_algo"] == "MIXED_PRECISION"
+        assert set(info["layer_algos"].values()) == {"NVFP4", "FP8"}
+        weights, problems = dequant.effective_weights(folder, {n: shapes[f"{n}.weight"] for n in formats})
+        assert problems == []
+        for name, fmt in formats.items():
+            error = (weights[f"{name}.weight"] - original[f"{name}.weight"]).norm() / original[f"{name}.weight"].norm()
+            assert (error == 0) == (fmt == "none") and error < 0.2, (layout, name, fmt, error)
+    hf_layers = dequant.read_config(first["export"].artifact.path / "hf")["layer_algos"]
+    assert hf_layers == {n: {"nvfp4": "NVFP4", "fp8": "FP8"}[f] for n, f in formats.items() if f != "none"}
 
     # A second budget: the sensitivity artifact is a hit (no new backward pass), calibrate re-solves the map.
     second = _run(tiny_model, store, 4.5, until="calibrate")
