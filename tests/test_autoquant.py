@@ -2,11 +2,12 @@
 artifact, a per-layer map within the budget, exported per layer and dequantized; bad input refused before work."""
 
 import json
+import shutil
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from pipeline import autoquant, dequant, runner
+from pipeline import autoquant, contracts, dequant, runner
 from pipeline.errors import BadInput, UnsupportedOnTarget
 from pipeline.recipe import load_recipe
 from pipeline.store import ArtifactStore
@@ -41,6 +42,14 @@ def test_auto_picks_a_per_layer_map_within_budget_and_exports_it(tiny_model, tmp
         for name, fmt in formats.items():
             error = (weights[f"{name}.weight"] - original[f"{name}.weight"]).norm() / original[f"{name}.weight"].norm()
             assert (error == 0) == (fmt == "none") and error < 0.2, (layout, name, fmt, error)
+    assert contracts.check(first["export"].artifact.path / "hf") == []
+    broken = shutil.copytree(first["export"].artifact.path / "hf", tmp_path / "broken")
+    tensors = load_file(broken / "model.safetensors")
+    fp8, nvfp4 = (next(n for n, f in formats.items() if f == fmt) for fmt in ("fp8", "nvfp4"))
+    del tensors[f"{fp8}.input_scale"], tensors[f"{nvfp4}.weight_scale_2"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    assert {f"{fp8}.input_scale: missing for FP8", f"{nvfp4}.weight_scale_2: missing for NVFP4"} <= {
+        p.split(";")[0] for p in contracts.check(broken)}
     hf_layers = dequant.read_config(first["export"].artifact.path / "hf")["layer_algos"]
     assert hf_layers == {n: {"nvfp4": "NVFP4", "fp8": "FP8"}[f] for n, f in formats.items() if f != "none"}
 
