@@ -81,3 +81,16 @@ def test_auto_section_belongs_to_format_auto():
     with pytest.raises(BadInput, match="quantization.auto applies only to format auto"):
         load_recipe("fp8", ["quantization.auto.effective_bits=5"])
     assert load_recipe("default", list(AUTO)).quantization.auto.effective_bits == 6.0
+
+
+def test_report_plots_and_lists_the_per_layer_formats():
+    from pipeline import report
+
+    result = {"ppl_ratio": 1.1, "thresholds": {"ppl_ratio_max": 1.6}, "eval_windows": {"count": 1, "length": 8},
+              "sizes": {"hf": 10}, "fp16_bytes": 20, "layer_tolerance": 0.25,
+              "layer_formats": {"model.layers.0.self_attn.q_proj": "fp8", "model.layers.0.mlp.down_proj": "nvfp4",
+                                "model.layers.1.mlp.down_proj": "none"}}
+    fig = report.figure(result, {})
+    formats = fig.axes[2]
+    assert formats.get_title() == "per-layer format chosen by AutoQuantize"
+    assert [t.get_text() for t in formats.get_yticklabels()] == ["fp8", "nvfp4", "none"]
