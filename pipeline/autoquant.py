@@ -7,15 +7,16 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import pickle
 import warnings
 from pathlib import Path
 
-from pipeline.quant import MODELOPT_CONFIGS, QuantPlan, _use_cpu_nvfp4, library_prints, modelopt
+from pipeline.quant import MODELOPT_CONFIGS, QuantPlan, _canonical, _use_cpu_nvfp4, library_prints, modelopt
 from pipeline.recipe import CANDIDATE_BITS, QuantizationSpec
 
 log = logging.getLogger(__name__)
 
-SEARCH_STATE = "search_state.pt"  # ModelOpt's own search checkpoint: candidate calibrations and scores
+SEARCH_STATE = "search_state.pkl"  # AutoQuantize's search state: per-group candidates, costs, sensitivity scores
 UNQUANTIZED = "none"
 
 
@@ -32,8 +33,9 @@ def candidate_configs(candidates: tuple[str, ...]) -> list[dict]:
 
 
 def score(model, spec: QuantizationSpec, batches: list, out: Path) -> dict:
-    """Run AutoQuantize's calibration and gradient sensitivity scoring on `batches`; ModelOpt writes its search
-    state to out/SEARCH_STATE. Returns the per-group scores and costs (for the manifest and the report)."""
+    """Run AutoQuantize's calibration and gradient sensitivity scoring on `batches` and store its search state
+    (what mtq.get_auto_quantize_config re-solves from) in out/SEARCH_STATE. Returns the per-group scores and costs
+    (for the manifest and the report)."""
     mtq, _ = modelopt()
     configs = candidate_configs(spec.auto.candidates)
     with library_prints(), warnings.catch_warnings():
@@ -44,7 +46,12 @@ def score(model, spec: QuantizationSpec, batches: list, out: Path) -> dict:
             quantization_formats=configs,
             data_loader=batches, forward_step=lambda m, batch: m(input_ids=batch, labels=batch),
             loss_func=lambda output, batch: output.loss, disabled_layers=list(spec.exclude),
-            num_calib_steps=len(batches), num_score_steps=len(batches), checkpoint=str(out / SEARCH_STATE))
+            num_calib_steps=len(batches), num_score_steps=len(batches))
+    # Plain pickle of a key-sorted state, not ModelOpt's torch.save checkpoint, and without the candidates'
+    # calibrations (calibrate redoes the one it needs): a rerun must reproduce the artifact byte for byte, and a
+    # pickled tensor carries torch.save's random serialization id.
+    searched = {key: value for key, value in state.items() if key != "quantizer_states"}
+    (out / SEARCH_STATE).write_bytes(pickle.dumps(_canonical(searched), protocol=4))
     return {name.removesuffix(".quant_recipe"): {"module_names": stats["module_names"],
                                                  "scores": [float(s) for s in stats["scores"]],
                                                  "costs": [float(c) for c in stats["costs"]]}
@@ -52,10 +59,7 @@ def score(model, spec: QuantizationSpec, batches: list, out: Path) -> dict:
 
 
 def load_search_state(folder: Path) -> dict:
-    import torch
-
-    modelopt()  # registers the classes ModelOpt's checkpoint holds as safe globals
-    return torch.load(folder / SEARCH_STATE, weights_only=False)  # our own artifact, sha256-checked by the store
+    return pickle.loads((folder / SEARCH_STATE).read_bytes())  # our own artifact, sha256-checked by the store
 
 
 def plan(spec: QuantizationSpec, model, sensitivity: Path) -> QuantPlan:
