@@ -14,7 +14,12 @@ from pipeline import targets
 from pipeline.compare.spec import CompareSpec
 from pipeline.errors import BadInput
 
-Format = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq"]
+Format = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "auto"]
+# Formats AutoQuantize can mix: ModelOpt 0.47's auto_quantize calibrates every candidate with max (no AWQ search,
+# no SmoothQuant), so only the formats whose own algorithm is max.
+AutoCandidate = Literal["fp8", "nvfp4"]
+# Bits per weight of each candidate as AutoQuantize counts them for effective_bits (e2m1 + 1 for nvfp4).
+CANDIDATE_BITS: dict[str, float] = {"fp8": 8.0, "nvfp4": 4.0}
 Algorithm = Literal["auto", "max", "awq_lite", "awq_clip", "awq_full", "smoothquant", "gptq"]
 
 # What "auto" means for each format: ModelOpt's own default algorithm for it.
@@ -25,6 +30,7 @@ DEFAULT_ALGORITHM: dict[str, str] = {
     "w4a8_awq": "awq_lite",
     "nvfp4": "max",
     "nvfp4_awq": "awq_lite",
+    "auto": "max",
 }
 # Weight block (group) size per format; None means per-channel or per-tensor scales.
 DEFAULT_BLOCK_SIZE: dict[str, int | None] = {
@@ -34,6 +40,7 @@ DEFAULT_BLOCK_SIZE: dict[str, int | None] = {
     "w4a8_awq": 128,
     "nvfp4": 16,
     "nvfp4_awq": 16,
+    "auto": None,
 }
 # Verify thresholds per format: (max perplexity ratio vs the unquantized model, min teacher-forced agreement, min
 # logit cosine between the dequantized export and the calibrated model). Measured on SmolLM2-135M with 32 x 256
@@ -46,6 +53,7 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
     "w4a8_awq": (1.30, 0.55, 0.95),
     "nvfp4": (1.60, 0.55, 0.97),
     "nvfp4_awq": (1.60, 0.55, 0.97),
+    "auto": (1.60, 0.55, 0.97),  # as loose as its loosest candidate (nvfp4); the budget decides the real quality
 }
 _BLOCK_FORMATS = ("int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq")
 # Algorithms that only make sense for some formats (max works everywhere).
@@ -89,6 +97,26 @@ class TargetSpec(Section):
             raise ValueError(str(exc).removeprefix("target.gpu: ")) from None
 
 
+class AutoQuantizeSpec(Section):
+    candidates: tuple[AutoCandidate, ...] = Field(("nvfp4", "fp8"), min_length=1,
+                                                  description="formats AutoQuantize may pick per layer "
+                                                              "(leaving a layer unquantized is always an option)")
+    effective_bits: float = Field(6.0, description="average bits per weight the chosen per-layer map may use")
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _canonical_candidates(cls, value: Any) -> Any:
+        return [canonical_format(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    @model_validator(mode="after")
+    def _budget_reachable(self) -> AutoQuantizeSpec:
+        smallest = min(CANDIDATE_BITS[c] for c in self.candidates)
+        if not smallest <= self.effective_bits <= 16:
+            raise ValueError(f"effective_bits {self.effective_bits} is outside what the candidates reach: use "
+                             f"{smallest} (all {min(self.candidates, key=CANDIDATE_BITS.get)}) to 16 (unquantized)")
+        return self
+
+
 class QuantizationSpec(Section):
     format: Format = "fp8"
     algorithm: Algorithm = Field("auto", description="auto = ModelOpt's default for the format, filled in")
@@ -99,6 +127,8 @@ class QuantizationSpec(Section):
     )
     smoothquant_alpha: float = Field(1.0, ge=0.0, le=1.0, description="ModelOpt's default migration strength")
     exclude: tuple[str, ...] = Field(("*lm_head*",), description="module name patterns left unquantized")
+    auto: AutoQuantizeSpec | None = Field(None, description="format auto: ModelOpt AutoQuantize's candidates and "
+                                                            "budget (filled in)")
 
     @model_validator(mode="before")
     @classmethod
@@ -109,6 +139,8 @@ class QuantizationSpec(Section):
             return data
         data = {**data, "format": canonical_format(data.get("format", "fp8"))}
         fmt = data["format"]
+        if fmt == "auto" and data.get("auto") is None:
+            data["auto"] = {}
         if fmt in DEFAULT_ALGORITHM and data.get("algorithm", "auto") == "auto":
             data["algorithm"] = DEFAULT_ALGORITHM[fmt]
         if fmt in DEFAULT_BLOCK_SIZE and data.get("block_size") is None:
@@ -116,6 +148,17 @@ class QuantizationSpec(Section):
         elif DEFAULT_BLOCK_SIZE.get(fmt, 0) in (None, 16) and data["block_size"] != DEFAULT_BLOCK_SIZE[fmt]:
             raise ValueError(f"format '{fmt}' has a fixed scale layout; remove block_size")
         return data
+
+    @model_validator(mode="after")
+    def _auto_fits_format(self) -> QuantizationSpec:
+        if (self.format == "auto") != (self.auto is not None):
+            raise ValueError("quantization.auto applies only to format auto; set format: auto or remove auto")
+        if self.format == "auto" and self.algorithm != "max":
+            raise ValueError("format auto calibrates every candidate with max (ModelOpt's AutoQuantize runs no "
+                             "AWQ or SmoothQuant search); remove quantization.algorithm")
+        if self.format == "auto" and self.kv_cache != "none":
+            raise ValueError("format auto does not quantize the KV cache yet; set quantization.kv_cache: none")
+        return self
 
     @model_validator(mode="after")
     def _algorithm_fits_format(self) -> QuantizationSpec:

@@ -87,7 +87,10 @@ def _index(stages: tuple[Stage, ...], name: str) -> int:
 def check_target(recipe: Recipe) -> None:
     q = recipe.quantization
     for gpu in recipe.gpus:
-        targets.check(gpu, q.format, q.kv_cache, recipe.build.backend)
+        for fmt in q.auto.candidates if q.auto else (q.format,):  # format auto: every candidate must run there
+            targets.check(gpu, fmt, q.kv_cache, recipe.build.backend)
+    if q.auto:
+        targets.check_mixed_precision(recipe.build.backend, recipe.export.formats)
 
 
 def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),

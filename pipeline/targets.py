@@ -127,6 +127,22 @@ def check(gpu: str, fmt: str, kv_cache: str, backend: str) -> GpuArch:
     return arch
 
 
+# Where a per-layer format map (format auto) can go: the ONNX decoder takes one Q/DQ format, so no TensorRT-RTX.
+MIXED_PRECISION_BACKENDS = frozenset({"none", "trtllm", "trtllm-pytorch"})
+MIXED_PRECISION_EXPORTS = frozenset({"hf", "trtllm"})
+
+
+def check_mixed_precision(backend: str, exports: tuple[str, ...]) -> None:
+    """UnsupportedOnTarget unless the build backend and every export take a per-layer format map."""
+    if backend not in MIXED_PRECISION_BACKENDS:
+        raise UnsupportedOnTarget(f"build.backend '{backend}' cannot build quantization.format 'auto' (per-layer "
+                                  f"formats); use build.backend {' or '.join(sorted(MIXED_PRECISION_BACKENDS))}")
+    for export in exports:
+        if export not in MIXED_PRECISION_EXPORTS:
+            raise UnsupportedOnTarget(f"export.formats '{export}' cannot hold quantization.format 'auto' (per-layer "
+                                      f"formats); use {' and '.join(sorted(MIXED_PRECISION_EXPORTS))}")
+
+
 def matrix() -> list[dict]:
     """One row per architecture: what it runs natively (for `quantpipe targets`)."""
     return [

@@ -9,9 +9,10 @@ from pipeline.stages.calibrate import Calibrate
 from pipeline.stages.export import Export
 from pipeline.stages.load import Load
 from pipeline.stages.quantize import Quantize
+from pipeline.stages.sensitivity import Sensitivity
 from pipeline.stages.verify import Verify
 
-STAGES: tuple[Stage, ...] = (Load(), Calibrate(), Quantize(), Export(), Build(), Verify())
+STAGES: tuple[Stage, ...] = (Load(), Sensitivity(), Calibrate(), Quantize(), Export(), Build(), Verify())
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 

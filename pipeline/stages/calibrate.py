@@ -45,8 +45,8 @@ def check_seq_len(seq_len: int, model: dict) -> None:
 
 class Calibrate(Stage):
     name = "calibrate"
-    version = "1"
-    inputs = ("load",)
+    version = "2"  # 2: plan.json and the metadata hold the per-layer formats (format auto)
+    inputs = ("load", "sensitivity")  # sensitivity only for format auto
     fields = ("quantization", "calibration")
     libraries = ("torch", "transformers", "nvidia-modelopt")
 
@@ -66,6 +66,7 @@ class Calibrate(Stage):
     def run(self, ctx: StageContext) -> dict:
         import torch
 
+        from pipeline import autoquant
         from pipeline.modeling import load_model
         from pipeline.quant import library_prints, modelopt, plan_quantization, save_calibration, weight_digests
 
@@ -74,7 +75,8 @@ class Calibrate(Stage):
         model, tokenizer = load_model(loaded / "model")
         check_seq_len(calib.seq_len, loaded.metadata)
         windows = data.token_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
-        plan = plan_quantization(spec, model)
+        plan = (autoquant.plan(spec, model, ctx.input("sensitivity").path) if spec.format == "auto"
+                else plan_quantization(spec, model))
         batches = list(torch.split(windows, calib.batch_size))
         phases: list[str] = []  # what ModelOpt announced since the last pass ("awq_lite: Searching parameters...")
         passes = 0
@@ -105,11 +107,12 @@ class Calibrate(Stage):
         saved = save_calibration(model, loaded / "model" / "model.safetensors", ctx.out, before)
         (ctx.out / "plan.json").write_text(json.dumps(
             {"config": plan.config, "decisions": plan.decisions, "quantized_layers": plan.quantized_layers,
-             "excluded_layers": plan.excluded_layers}, indent=2, default=str))
+             "excluded_layers": plan.excluded_layers, "layer_formats": plan.layer_formats}, indent=2, default=str))
         model_bytes = loaded.metadata["weights_bytes"]
         return {"format": spec.format, "algorithm": spec.algorithm, "kv_cache": spec.kv_cache,
                 "block_size": plan.block_size, "decisions": plan.decisions,
                 "quantized_layers": len(plan.quantized_layers), "excluded_layers": len(plan.excluded_layers),
+                "layer_formats": plan.layer_formats,
                 "tokens": int(windows.numel()), "calibration_seconds": round(seconds, 2),
                 "state_tensors": saved["tensors"], "rescaled_weights": saved["rescaled_weights"],
                 "state_bytes": saved["bytes"],

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 # Relative error allowed between an export's dequantized layer and the calibrated one: exporters requantize fused
 # layers (q/k/v, gate/up) with a shared scale, which moves values by up to a quantization step.
-LAYER_TOLERANCE = {"fp8": 0.1, "int8_sq": 0.1, "int4_awq": 0.5, "w4a8_awq": 0.5, "nvfp4": 0.25, "nvfp4_awq": 0.25}
+LAYER_TOLERANCE = {"fp8": 0.1, "int8_sq": 0.1, "int4_awq": 0.5, "w4a8_awq": 0.5, "nvfp4": 0.25, "nvfp4_awq": 0.25,
+                   "auto": 0.25}  # auto: its loosest candidate's (nvfp4)
 # Norms whose scale an exporter may fold AWQ/SmoothQuant pre-quant scales into, and the layers they feed (Llama-like).
 FOLDED_NORMS = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
                 "self_attn.v_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm",
@@ -35,7 +36,8 @@ def thresholds(recipe: Recipe) -> dict:
 
 class Verify(Stage):
     name = "verify"
-    version = "5"  # 4: lm-eval tasks; 5: the HF checkpoint is checked against the serving engines' loader contracts
+    version = "6"  # 4: lm-eval tasks; 5: the HF checkpoint is checked against the serving engines' loader contracts;
+    # 6: the per-layer formats of format auto in the report
     inputs = ("load", "calibrate", "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors", "lm-eval")
@@ -138,6 +140,7 @@ class Verify(Stage):
             "engine": engine_status, "engine_run": engine_run, "lm_eval": lm_eval,
             "sizes": {fmt: info["bytes"] for fmt, info in exported.metadata["formats"].items()},
             "fp16_bytes": exported.metadata["fp16_bytes"],
+            "layer_formats": calibrated.metadata.get("layer_formats", {}),
         }
         report.write(ctx.out, result, {fmt: r["layers"] for fmt, r in exports.items()})
         return result
