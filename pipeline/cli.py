@@ -444,6 +444,9 @@ def targets_command(store: ArtifactStore, as_json: bool) -> None:
               help="Comma-separated single formats to try (default: every format the target runs).")
 @click.option("--exclude-steps", default="8,32", show_default=True, metavar="COUNTS",
               help="How many of a failing format's most sensitive layers to leave unquantized, in turn; none: off.")
+@click.option("--budgets", default="4.5,5,6,7", show_default=True, metavar="BITS",
+              help="AutoQuantize effective bits (format auto over the formats it mixes), upwards until one passes; "
+                   "none: off.")
 @click.option("--out", "report_dir", type=click.Path(path_type=Path), default=None,
               help="Where report.md, plot.png and tune.json go (default: <engines>/<model>/tune-<recipe>).")
 @click.option("--engines-dir", type=click.Path(path_type=Path), default=None,
@@ -451,7 +454,7 @@ def targets_command(store: ArtifactStore, as_json: bool) -> None:
 @common
 def tune_command(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tuple[str, ...],
                  max_ppl_ratio: float, min_agreement: float | None, objective: str, formats: str | None,
-                 exclude_steps: str, report_dir: Path | None, engines_dir: Path | None) -> None:
+                 exclude_steps: str, budgets: str, report_dir: Path | None, engines_dir: Path | None) -> None:
     """The smallest artifact for RECIPE's target that meets the bar: every format the target runs, failing ones
     with their most sensitive layers unquantized, AutoQuantize budgets; each candidate an ordinary cached run.
     The winner is published with the search in its card. Exit code 5 when nothing meets the bar."""
@@ -466,7 +469,9 @@ def tune_command(store: ArtifactStore, as_json: bool, recipe: str | None, overri
 
     result = tune.search(
         recipe, list(overrides), bar, store, objective=objective,
-        formats=formats.split(",") if formats else None, exclude_steps=tune.parse_counts(exclude_steps),
+        formats=formats.split(",") if formats else None,
+        exclude_steps=tune.parse_numbers(exclude_steps, "--exclude-steps"),
+        budgets=tune.parse_numbers(budgets, "--budgets", float),
         reporter_for=lambda r: ConsoleReporter(progress=False, lines=not as_json, recipe=r.name),
         on_result=candidate_done)
     engines = engines_dir or default_engines_dir()

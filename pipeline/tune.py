@@ -4,7 +4,7 @@ Candidates are small typed values, each turned into an ordinary recipe and run b
 interrupted search resumes from the cache and a rerun builds nothing), judged by verify on the held-out text with the
 bar as its thresholds. The search tries every single format the target runs, then, below the best passing size, the
 failing formats with their most sensitive layers (largest weight quantization error, quantize's layers.json) left
-unquantized, and AutoQuantize at a ladder of effective-bits budgets where the recipe schema has `format: auto`.
+unquantized, then AutoQuantize (`format: auto`) over the formats it mixes at a ladder of effective-bits budgets.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 
 from pipeline import runner, targets
 from pipeline.errors import BadInput, UnsupportedOnTarget, VerificationFailed
-from pipeline.recipe import Format, Recipe, canonical_format, load_recipe
+from pipeline.recipe import CANDIDATE_BITS, Format, Recipe, canonical_format, load_recipe
 from pipeline.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
 EXCLUDE_STEPS = (8, 32)  # most sensitive layers left unquantized, tried in this order until one passes
-BUDGETS = (4.5, 5.0, 6.0, 7.0)  # AutoQuantize effective bits, where the recipe schema has `format: auto`
+BUDGETS = (4.5, 5.0, 6.0, 7.0)  # AutoQuantize effective bits, tried upwards until one passes
 MAX_PPL_RATIO = 10.0  # beyond this a perplexity ratio is no quality bar
 OBJECTIVES = ("size", "bits")
 TUNE_JSON, REPORT_MD, PLOT = "tune.json", "report.md", "plot.png"
@@ -67,7 +67,7 @@ class Candidate:
         if self.kind == "exclude":
             return f"{q['format']}, {len(q['exclude']) - len(self.base_exclude)} most sensitive layers unquantized"
         if self.kind == "auto":
-            return f"AutoQuantize at {q['auto']['effective_bits']} bits"
+            return f"AutoQuantize {'+'.join(q['auto']['candidates'])} at {q['auto']['effective_bits']:g} bits"
         return q["format"]
 
     @property
@@ -133,17 +133,17 @@ def _shortfall(result: Result, bar: Bar) -> float:
     return short
 
 
-def parse_counts(text: str) -> tuple[int, ...]:
-    """`--exclude-steps 8,32` (or none)."""
-    if text.strip().lower() in ("", "none", "0"):
+def parse_numbers(text: str, option: str, kind: type = int) -> tuple:
+    """`--exclude-steps 8,32` or `--budgets 4.5,6`: positive numbers, or none."""
+    if text.strip().lower() in ("", "none"):
         return ()
     try:
-        counts = tuple(int(part) for part in text.split(","))
+        values = tuple(kind(part) for part in text.split(","))
     except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
-        raise BadInput(f"--exclude-steps '{text}' must be positive layer counts like 8,32, or none")
-    return counts
+        values = ()
+    if not values or min(values) <= 0:
+        raise BadInput(f"{option} '{text}' must be positive {kind.__name__} values separated by commas, or none")
+    return values
 
 
 def format_candidates(base: Recipe, formats: Iterable[str] | None = None) -> list[Candidate]:
@@ -175,13 +175,15 @@ def exclusion_candidate(source: Result, count: int) -> Candidate:
 
 
 def auto_candidates(formats: list[str], budgets: Iterable[float], base: Recipe) -> list[Candidate]:
-    """AutoQuantize among `formats` at each budget (only where the recipe schema knows `format: auto`)."""
-    if "auto" not in Format.__args__ or len(formats) < 2:
+    """AutoQuantize mixing those of `formats` it can mix (a layer may also stay unquantized), at each budget above
+    the smallest candidate's bits, smallest budget first."""
+    mixable = [f for f in formats if f in CANDIDATE_BITS]
+    if not mixable:
         return []
-    section = {k: v for k, v in base.quantization.model_dump(mode="json").items() if k in ("kv_cache", "exclude")}
-    return [Candidate(f"auto-{bits:g}", "auto", {**section, "format": "auto", "algorithm": "auto", "block_size": None,
-                                                 "auto": {"candidates": formats, "effective_bits": bits}})
-            for bits in budgets]
+    floor = min(CANDIDATE_BITS[f] for f in mixable)
+    return [Candidate(f"auto-{bits:g}", "auto", {"format": "auto", "exclude": list(base.quantization.exclude),
+                                                 "auto": {"candidates": mixable, "effective_bits": bits}})
+            for bits in sorted(budgets) if floor < bits <= 16]
 
 
 def search(ref: str | None, overrides: list[str], bar: Bar, store: ArtifactStore, *, objective: str = "size",
@@ -210,11 +212,11 @@ def search(ref: str | None, overrides: list[str], bar: Bar, store: ArtifactStore
             if evaluate(exclusion_candidate(failed, count)).passed:
                 break
     best = _best(results, objective)
-    ceiling = best.bits if best else max((r.bits for r in singles if r.ran), default=16.0)
-    floor = min((r.bits for r in singles if r.ran), default=0.0)
+    ceiling = best.bits if best else 16.0  # a budget at or above the best passing bits cannot make it smaller
     for candidate in auto_candidates([r.candidate.quantization["format"] for r in singles if r.ran],
-                                     [b for b in sorted(budgets) if floor < b < ceiling], base):
-        evaluate(candidate)
+                                     [b for b in budgets if b < ceiling], base):
+        if evaluate(candidate).passed:
+            break  # a larger budget only makes a larger artifact
     return Search(base.name, base.target.gpu, bar, objective, results, _best(results, objective),
                   frontier(results))
 
