@@ -35,6 +35,8 @@ def render(facts: dict) -> str:
         lines += [*(f"- {row}" for row in quality_lines(quality)), "- full report: [report.md](../report.md)"]
     else:
         lines.append("Not verified yet: run `quantpipe run` through the verify stage.")
+    if facts.get("search"):
+        lines += ["", *search_section(facts["search"])]
     lines += ["", "## How to load it", "", loading(facts["export"], facts["format"]), ""]
     if facts.get("serving"):
         lines += ["## Serve it", "", *facts["serving"], ""]
@@ -47,6 +49,23 @@ def quality_lines(quality: dict) -> list[str]:
 
     rows = (shown(name, value, quality["thresholds"].get(name)) for name, value in quality["metrics"].items())
     return [f"{label}: {value} ({bound})" for label, value, bound in rows]
+
+
+def search_section(search: dict) -> list[str]:
+    """How `quantpipe tune` chose this artifact: the bar and every candidate it measured."""
+    lines = ["## How it was chosen", "",
+             (f"`quantpipe tune` picked the smallest {search['objective']} meeting {search['bar']} on the held-out "
+              f"text among {len(search['candidates'])} candidates:"), "",
+             "| candidate | result | ppl ratio | agreement | size vs fp16 | bits |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for c in search["candidates"]:
+        if c["ppl_ratio"] is None:
+            lines.append(f"| {c['label']} | not run: {c['error']} | | | | |")
+            continue
+        result = "**chosen**" if c["chosen"] else "pass" if c["passed"] else "fail"
+        lines.append(f"| {c['label']} | {result} | {c['ppl_ratio']:.3f} | {c['agreement']:.1%} | "
+                     f"{c['bytes'] / c['fp16_bytes']:.3f}x | {c['bits']:.2f} |")
+    return lines
 
 
 def loading(export: str, fmt: str) -> str:

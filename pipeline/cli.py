@@ -446,6 +446,72 @@ def targets_command(store: ArtifactStore, as_json: bool) -> None:
     _emit(as_json, {"targets": rows, "presets": presets()}, render)
 
 
+@main.command(name="tune")
+@recipe_argument
+@set_option
+@click.option("--max-ppl-ratio", type=float, required=True,
+              help="Largest perplexity ratio against the unquantized model on the held-out text, e.g. 1.05.")
+@click.option("--min-agreement", type=float, default=None,
+              help="Smallest teacher-forced token agreement, e.g. 0.85 (default: no agreement bar).")
+@click.option("--objective", type=click.Choice(["size", "bits"]), default="size", show_default=True,
+              help="size: checkpoint bytes; bits: bits per weight outside the embeddings and lm_head.")
+@click.option("--formats", default=None, metavar="LIST",
+              help="Comma-separated single formats to try (default: every format the target runs).")
+@click.option("--exclude-steps", default="8,32", show_default=True, metavar="COUNTS",
+              help="How many of a failing format's most sensitive layers to leave unquantized, in turn; none: off.")
+@click.option("--budgets", default="4.5,5,6,7", show_default=True, metavar="BITS",
+              help="AutoQuantize effective bits (format auto over the formats it mixes), upwards until one passes; "
+                   "none: off.")
+@click.option("--out", "report_dir", type=click.Path(path_type=Path), default=None,
+              help="Where report.md, plot.png and tune.json go (default: <engines>/<model>/tune-<recipe>).")
+@click.option("--engines-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the chosen candidate is published (default: $QUANTPIPE_ENGINES or ./engines).")
+@common
+def tune_command(store: ArtifactStore, as_json: bool, recipe: str | None, overrides: tuple[str, ...],
+                 max_ppl_ratio: float, min_agreement: float | None, objective: str, formats: str | None,
+                 exclude_steps: str, budgets: str, report_dir: Path | None, engines_dir: Path | None) -> None:
+    """The smallest artifact for RECIPE's target that meets the bar: every format the target runs, failing ones
+    with their most sensitive layers unquantized, AutoQuantize budgets; each candidate an ordinary cached run.
+    The winner is published with the search in its card. Exit code 5 when nothing meets the bar."""
+    from pipeline import tune
+    from pipeline.stages.load import resolve_source
+
+    bar = tune.Bar(max_ppl_ratio, min_agreement)
+    store.ensure_writable()
+    def candidate_done(result: tune.Result) -> None:
+        if not as_json:
+            err.print(f"quantpipe: tune: {' | '.join(tune.cells(result))}", markup=False)
+
+    result = tune.search(
+        recipe, list(overrides), bar, store, objective=objective,
+        formats=formats.split(",") if formats else None,
+        exclude_steps=tune.parse_numbers(exclude_steps, "--exclude-steps"),
+        budgets=tune.parse_numbers(budgets, "--budgets", float),
+        reporter_for=lambda r: ConsoleReporter(progress=False, lines=not as_json, recipe=r.name),
+        on_result=candidate_done)
+    engines = engines_dir or default_engines_dir()
+    folder = report_dir or engines / resolve_source(load_recipe(recipe, list(overrides))).name / \
+        f"tune-{result.recipe}"
+    tune.write_report(folder, result, shlex.join(["quantpipe", *sys.argv[1:]]))
+    published = tune.publish_winner(result, recipe, list(overrides), store, engines) if result.chosen else None
+    _status_facts(report=str(folder / tune.REPORT_MD), published=str(published) if published else None)
+
+    def render() -> None:
+        table = Table(title=f"quantpipe tune {result.recipe} for {result.target}: {bar.describe()} "
+                            f"({folder / tune.REPORT_MD})", title_justify="left")
+        for column in tune.COLUMNS:
+            table.add_column(column)
+        for r in result.results:
+            table.add_row(*(escape(c) for c in tune.cells(r, result)))
+        out.print(table)
+        if published:
+            out.print(f"published {published}")
+
+    _emit(as_json, {**result.to_json(), "report": str(folder / tune.REPORT_MD),
+                    "published": str(published) if published else None}, render)
+    tune.fail_unless_chosen(result)
+
+
 @main.command(name="report")
 @click.argument("names", nargs=-1, metavar="RUNS")
 @common

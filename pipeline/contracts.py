@@ -23,6 +23,9 @@ from pathlib import Path
 from pipeline import formats
 from pipeline.formats.base import SGLANG, TRTLLM, VLLM, Contract
 
+# Per-layer formats (AutoQuantize): quant_algo MIXED_PRECISION, each quantized layer's own quant_algo in
+# quantized_layers (TensorRT-LLM's QuantConfig reads it per layer; the layers listed nowhere stay unquantized).
+MIXED_PRECISION = "MIXED_PRECISION"
 # kv_cache_quant_algo -> the engines that load a KV cache of it; each attention layer then carries both scales.
 KV_CACHE_ENGINES: dict[str, tuple[str, ...]] = {"FP8": (TRTLLM, VLLM, SGLANG), "NVFP4": (TRTLLM,)}
 KV_SCALES = ("k_proj.k_scale", "v_proj.v_scale")
@@ -45,11 +48,14 @@ def check(folder: Path) -> list[str]:
 
     quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
     algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
-    fmt = formats.by_quant_algo(algo)
-    if fmt is None:
+    layer_algos = ({m: layer.get("quant_algo") for m, layer in (quant.get("quantized_layers") or {}).items()}
+                   if algo == MIXED_PRECISION else {})
+    unknown = sorted({str(a) for a in (layer_algos.values() or [algo]) if formats.by_quant_algo(a) is None})
+    if unknown:
         known = ", ".join(dict.fromkeys(f.quant_algo for f in formats.FORMATS.values()))
-        return [f"hf_quant_config.json: quant_algo {algo!r} has no ModelOpt loader contract here (known: {known})"]
-    contract = fmt.contract
+        return [f"hf_quant_config.json: quant_algo {unknown[0]!r} has no ModelOpt loader contract here (known: {known})"]
+    contract = (formats.by_quant_algo(algo).contract if not layer_algos
+                else _mixed_contract(set(layer_algos.values())))
     refuse = f"{', '.join(contract.engines)} would refuse it"
     problems = _config_problems(folder, quant, refuse)
     tensors, weights = {}, {}
@@ -64,16 +70,17 @@ def check(folder: Path) -> list[str]:
     excluded = quant.get("exclude_modules") or []
     for module, dtype in sorted(weights.items()):
         skipped = any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(module.split(".")[-1], p)
-                      for p in excluded)
+                      for p in excluded) or (bool(layer_algos) and module not in layer_algos)
+        layer = formats.by_quant_algo(layer_algos[module]).contract if module in layer_algos else contract
         if skipped:
             if f"{module}.weight_scale" in tensors:
                 problems.append(f"{module}.weight_scale: the module is in exclude_modules but quantized; {refuse}")
         elif dtype in FLOAT_WEIGHTS:
             problems.append(f"{module}.weight: unquantized ({dtype}) but not in exclude_modules; {refuse}")
         else:
-            needed = (*contract.tensors, *(("pre_quant_scale",) if contract.pre_quant
-                                           and module.rsplit(".", 1)[-1] in UNFOLDABLE else ()))
-            problems += [f"{module}.{t}: missing for {algo}; {refuse}" for t in needed
+            needed = (*layer.tensors, *(("pre_quant_scale",) if layer.pre_quant
+                                        and module.rsplit(".", 1)[-1] in UNFOLDABLE else ()))
+            problems += [f"{module}.{t}: missing for {layer_algos.get(module, algo)}; {refuse}" for t in needed
                          if f"{module}.{t}" not in tensors]
     for name, value in sorted(tensors.items()):
         if not bool(value.isfinite().all()) or not bool((value > 0).all()):
@@ -88,6 +95,12 @@ def check(folder: Path) -> list[str]:
         problems.append(f"hf_quant_config.json: kv_cache_quant_algo is null but the checkpoint holds KV cache "
                         f"scales; {refuse}")
     return problems
+
+
+def _mixed_contract(algos: set[str]) -> Contract:
+    """A MIXED_PRECISION checkpoint as a whole: fused siblings share one format, so they share its scales."""
+    identical = tuple(sorted({scale for algo in algos for scale in formats.by_quant_algo(algo).contract.identical}))
+    return Contract((), identical, formats.get("auto").contract.engines)
 
 
 def _config_problems(folder: Path, quant: dict, refuse: str) -> list[str]:

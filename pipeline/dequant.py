@@ -32,17 +32,29 @@ HF = Layout("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")
 TRTLLM = Layout("weights_scaling_factor", "weights_scaling_factor_2", "activation_scaling_factor",
                 "prequant_scaling_factor")
 
+# Per-layer formats (AutoQuantize): the checkpoint names each quantized layer's own quant_algo.
+MIXED = "MIXED_PRECISION"
+TRTLLM_LAYERS = "quant_cfg.json"  # where a mixed-precision TensorRT-LLM checkpoint lists them
+
+
 def read_config(folder: Path) -> dict:
     """quant_algo, kv cache algo, group size and layout of an exported checkpoint."""
     config = json.loads((folder / "config.json").read_text())
     if (folder / "hf_quant_config.json").is_file():
         q = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
         return {"layout": "hf", "quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
-                "group_size": q.get("group_size"), "exclude_modules": q.get("exclude_modules", []), "config": config}
+                "group_size": q.get("group_size"), "exclude_modules": q.get("exclude_modules", []), "config": config,
+                "layer_algos": _layer_algos(q)}
     q = config.get("quantization", {})
     return {"layout": "trtllm", "quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
             "group_size": q.get("group_size"), "exclude_modules": q.get("exclude_modules", []), "config": config,
-            "mapping": config.get("mapping", {})}
+            "mapping": config.get("mapping", {}), "layer_algos": _layer_algos(
+                json.loads((folder / TRTLLM_LAYERS).read_text()) if (folder / TRTLLM_LAYERS).is_file() else q)}
+
+
+def _layer_algos(quant: dict) -> dict[str, str]:
+    """Module -> quant_algo for a MIXED_PRECISION checkpoint ({} for one format)."""
+    return {name: layer["quant_algo"] for name, layer in (quant.get("quantized_layers") or {}).items()}
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -58,22 +70,27 @@ def effective_weights(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple
     structure problems found on the way. `shapes` maps each HF linear name to its original (out, in)."""
     info = read_config(folder)
     tensors = _tensors(folder)
+    layer_algos = info["layer_algos"]
     if info["layout"] == "trtllm":
         tensors = _trtllm_to_hf(tensors, info["config"])
+        layer_algos = _trtllm_layer_algos(layer_algos, info["config"])
         layout = TRTLLM
     else:
         layout = HF
     algo = info["quant_algo"]
-    fmt = formats.by_quant_algo(algo)
-    codec = fmt.weights if fmt else WeightCodec((), (), None)
-    expected_dtypes = tuple(getattr(torch, name) for name in codec.dtypes)
-    problems: list[str] = [] if fmt else [f"unknown quant_algo {algo!r}"]
+    known = formats.by_quant_algo(algo) is not None or (
+        algo == MIXED and all(formats.by_quant_algo(a) for a in layer_algos.values()))
+    problems: list[str] = [] if known else [f"unknown quant_algo {algo!r}"]
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         module = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and f"{module}.{layout.weight_scale}" in tensors:
+            algo = layer_algos.get(module, info["quant_algo"])
+            fmt = formats.by_quant_algo(algo)
+            codec = fmt.weights if fmt else WeightCodec((), (), None)
+            expected_dtypes = tuple(getattr(torch, name) for name in codec.dtypes)
             if tensor.dtype not in expected_dtypes:
-                problems.append(f"{name}: dtype {tensor.dtype}, {algo} expects {expected_dtypes[0]}")
+                problems.append(f"{name}: dtype {tensor.dtype}, {algo} expects {expected_dtypes[:1] or 'no scales'}")
                 continue
             missing = [c for c in codec.companions if f"{module}.{getattr(layout, c)}" not in tensors]
             if missing:
@@ -127,6 +144,13 @@ def _trtllm_to_hf(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, t
         elif sub in _TRTLLM_LAYER:
             renamed[f"{hf_layer}.{_TRTLLM_LAYER[sub]}.{leaf}"] = tensor
     return renamed
+
+
+def _trtllm_layer_algos(layer_algos: dict[str, str], config: dict) -> dict[str, str]:
+    """Per-layer quant_algo under HF names, renamed exactly as the tensors are (a fused qkv names q, k and v)."""
+    algos = sorted(set(layer_algos.values()))
+    codes = {f"{module}.weight": torch.tensor(algos.index(algo)) for module, algo in layer_algos.items()}
+    return {name.removesuffix(".weight"): algos[int(code)] for name, code in _trtllm_to_hf(codes, config).items()}
 
 
 def _split_qkv(layer: str, leaf: str, tensor: torch.Tensor, q_rows: int, kv_rows: int) -> dict[str, torch.Tensor]:

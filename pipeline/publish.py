@@ -76,18 +76,21 @@ def _slug(name: str) -> str:
     return slug
 
 
-def publish(engines_dir: Path, recipe: Recipe, artifacts: dict[str, Artifact], store: ArtifactStore) -> Path:
+def publish(engines_dir: Path, recipe: Recipe, artifacts: dict[str, Artifact], store: ArtifactStore,
+            search: dict | None = None) -> Path:
     """Copy the run's deliverables out of the store and point engines/<model>/<format>-<target> at them. The same
-    keys again change nothing; other keys replace the recipe's folder, with a warning naming what they replaced."""
+    keys again change nothing; other keys replace the recipe's folder, with a warning naming what they replaced.
+    `search` is the record of the `quantpipe tune` search that chose this run, for its cards."""
     keys = {stage: a.key for stage, a in artifacts.items()}
     target = destination(engines_dir, artifacts["load"].facts.name, recipe)
     replacing = target.exists()
-    before = provenance(target).get("keys")
-    if before == keys:
+    recorded = provenance(target)
+    before = recorded.get("keys")
+    if before == keys and recorded.get("search") == search:
         return target
     staging = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     try:
-        _fill(staging, target, recipe, artifacts, keys, store)
+        _fill(staging, target, recipe, artifacts, keys, store, search)
         _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -99,7 +102,7 @@ def publish(engines_dir: Path, recipe: Recipe, artifacts: dict[str, Artifact], s
 
 
 def _fill(staging: Path, target: Path, recipe: Recipe, artifacts: dict[str, Artifact], keys: dict[str, str],
-          store: ArtifactStore) -> None:
+          store: ArtifactStore, search: dict | None) -> None:
     staging.mkdir(parents=True)
     export, verify = artifacts["export"], artifacts.get("verify")
     formats = export.facts.formats
@@ -126,7 +129,8 @@ def _fill(staging: Path, target: Path, recipe: Recipe, artifacts: dict[str, Arti
         for fmt, part in formats.items():
             serve = serving.card_lines(recipe, str(target / "hf")) if fmt == "hf" else []
             text = card.render({**facts, "artifact": f"{fmt} checkpoint", "bytes": part.bytes,
-                                "quality": quality, "serving": serve, **card.sharding(recipe, fmt)})
+                                "quality": quality, "serving": serve, "search": search,
+                                **card.sharding(recipe, fmt)})
             files[f"{fmt}/{CARD}"] = _write(staging / fmt / CARD, text.encode())
     if "hf" in formats:  # serving bundles beside the checkpoint, naming where it is published
         (staging / "hf" / "serve").mkdir()
@@ -136,6 +140,8 @@ def _fill(staging: Path, target: Path, recipe: Recipe, artifacts: dict[str, Arti
                   "host": host.describe(),
                   "versions": {stage: a.manifest.get("environment", {}) for stage, a in artifacts.items()},
                   "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+    if search is not None:
+        provenance["search"] = search
     (staging / PROVENANCE).write_text(json.dumps(provenance, indent=2))
 
 

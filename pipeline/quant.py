@@ -35,6 +35,7 @@ class QuantPlan:
     quantized_layers: list[str]
     excluded_layers: list[str] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
+    layer_formats: dict[str, str] = field(default_factory=dict)  # format auto: the format AutoQuantize chose per layer
 
 
 def modelopt():

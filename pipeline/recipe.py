@@ -18,6 +18,10 @@ from pipeline.errors import BadInput
 log = logging.getLogger(__name__)
 
 Format = Literal[tuple(formats.FORMATS)]  # checked against the registry (pipeline/formats/)
+# Bits per weight of each format AutoQuantize can mix (format auto), as it counts them for effective_bits: ModelOpt
+# 0.47's auto_quantize calibrates every candidate with max, so only formats whose own algorithm is max.
+CANDIDATE_BITS: dict[str, float] = {f.name: f.auto_bits for f in formats.FORMATS.values() if f.auto_bits}
+AutoCandidate = Literal[tuple(CANDIDATE_BITS)]
 Algorithm = Literal["auto", "max", "awq_lite", "awq_clip", "awq_full", "smoothquant", "gptq"]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -66,6 +70,26 @@ class TargetSpec(Section):
             raise ValueError(str(exc).removeprefix("target.gpu: ")) from None
 
 
+class AutoQuantizeSpec(Section):
+    candidates: tuple[AutoCandidate, ...] = Field(("nvfp4", "fp8"), min_length=1,
+                                                  description="formats AutoQuantize may pick per layer "
+                                                              "(leaving a layer unquantized is always an option)")
+    effective_bits: float = Field(6.0, description="average bits per weight the chosen per-layer map may use")
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _canonical_candidates(cls, value: Any) -> Any:
+        return [canonical_format(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    @model_validator(mode="after")
+    def _budget_reachable(self) -> AutoQuantizeSpec:
+        smallest = min(CANDIDATE_BITS[c] for c in self.candidates)
+        if not smallest <= self.effective_bits <= 16:
+            raise ValueError(f"effective_bits {self.effective_bits} is outside what the candidates reach: use "
+                             f"{smallest} (all {min(self.candidates, key=CANDIDATE_BITS.get)}) to 16 (unquantized)")
+        return self
+
+
 class QuantizationSpec(Section):
     format: Format = "fp8"
     algorithm: Algorithm = Field("auto", description="auto = ModelOpt's default for the format, filled in")
@@ -76,6 +100,8 @@ class QuantizationSpec(Section):
     )
     smoothquant_alpha: float = Field(1.0, ge=0.0, le=1.0, description="ModelOpt's default migration strength")
     exclude: tuple[str, ...] = Field(("*lm_head*",), description="module name patterns left unquantized")
+    auto: AutoQuantizeSpec | None = Field(None, description="format auto: ModelOpt AutoQuantize's candidates and "
+                                                            "budget (filled in)")
 
     @model_validator(mode="before")
     @classmethod
@@ -85,6 +111,8 @@ class QuantizationSpec(Section):
         if not isinstance(data, dict):
             return data
         data = {**data, "format": canonical_format(data.get("format", "fp8"))}
+        if data["format"] == "auto" and data.get("auto") is None:
+            data["auto"] = {}
         known = formats.FORMATS.get(data["format"])
         if known is None:
             return data  # the format field's validator names the valid ones
@@ -95,6 +123,12 @@ class QuantizationSpec(Section):
         elif known.block_size_fixed and data["block_size"] != known.block_size:
             raise ValueError(f"format '{known.name}' has a fixed scale layout; remove block_size")
         return data
+
+    @model_validator(mode="after")
+    def _auto_fits_format(self) -> QuantizationSpec:
+        if (self.format == "auto") != (self.auto is not None):
+            raise ValueError("quantization.auto applies only to format auto; set format: auto or remove auto")
+        return self
 
     @model_validator(mode="after")
     def _algorithm_fits_format(self) -> QuantizationSpec:

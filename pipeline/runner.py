@@ -84,7 +84,9 @@ def _index(stages: tuple[Stage, ...], name: str) -> int:
 def check_target(recipe: Recipe) -> None:
     q = recipe.quantization
     for gpu in recipe.gpus:
-        targets.check(gpu, q.format, q.kv_cache, recipe.build.backend, recipe.export.formats)
+        # format auto: the map and every candidate it may pick must run there
+        for fmt in (q.format, *(q.auto.candidates if q.auto else ())):
+            targets.check(gpu, fmt, q.kv_cache, recipe.build.backend, recipe.export.formats)
 
 
 def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),

@@ -85,7 +85,10 @@ ENGINE_NAMES = {"trtllm": "TensorRT-LLM (PyTorch backend)", "vllm": "vLLM", "sgl
 def card_lines(recipe: Recipe, checkpoint: str) -> list[str]:
     """The model card's serving section: where the format runs, then each engine's command (also in
     serve/<engine>-serve.sh; TensorRT-LLM's options in serve/trtllm-llm-api-options.yaml) or why it cannot serve it."""
-    runs_on = ", ".join(targets.ARCHS[sm].label for sm in sorted(targets.format_archs()[recipe.quantization.format]))
+    q = recipe.quantization
+    archs = frozenset.intersection(*(targets.format_archs()[f] for f in (q.format, *(q.auto.candidates if q.auto
+                                                                                     else ()))))
+    runs_on = ", ".join(targets.ARCHS[sm].label for sm in sorted(archs))
     found = commands(recipe, checkpoint)
     lines = [(f"{recipe.quantization.format} runs natively on {runs_on}. Each command is also in "
               f"`serve/<engine>-serve.sh`; TensorRT-LLM's options are in `serve/{OPTIONS_FILE}`."), ""]

@@ -48,7 +48,7 @@ class Calibrate(Stage):
         (ctx.out / "state.bin").write_bytes((ctx.input("load") / "model.bin").read_bytes() + repr(ctx.params).encode())
         return CalibrationFacts(format="fp8", algorithm="max", kv_cache="none", model_dtype="float32",
                                 block_size=None, decisions=[], quantized_layers=1, excluded_layers=0, tokens=256,
-                                calibration_seconds=0.0, placement={}, layerwise=False, resumed_at_layer=None,
+                                calibration_seconds=0.0, placement={}, layerwise=False, resumed_at_layer=None, layer_formats={},
                                 state_tensors=1, rescaled_weights=0, state_bytes=64, state_ratio=1.0)
 
 

@@ -3,6 +3,7 @@ line below; recipe, targets, quant, dequant, onnx_export, verify and the backend
 
 from __future__ import annotations
 
+from pipeline.formats.auto import AUTO
 from pipeline.formats.base import CpuQuantizer, QuantFormat
 from pipeline.formats.fp8 import FP8
 from pipeline.formats.int4_awq import INT4_AWQ
@@ -15,7 +16,7 @@ from pipeline.formats.nvfp4_w4a16 import NVFP4_W4A16
 from pipeline.formats.w4a8_awq import W4A8_AWQ
 
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in (FP8, INT8_SQ, INT4_AWQ, W4A8_AWQ, NVFP4, NVFP4_AWQ, MXFP8,
-                                                       NVFP4_W4A16)}
+                                                       NVFP4_W4A16, AUTO)}
 
 __all__ = ["FORMATS", "KV_CACHES", "QuantFormat", "by_quant_algo", "cpu_quantizers", "get"]
 

@@ -68,6 +68,7 @@ class QuantFormat:
     gemm_plugin: str = "auto"  # trtllm-build --gemm_plugin
     onnx: str | None = None  # the Q/DQ kind its ONNX is emitted as (onnx_export.EMITTERS), None: no ONNX
     cpu_quantizer: CpuQuantizer | None = None  # where ModelOpt's fake quantization needs CUDA
+    auto_bits: float | None = None  # bits per weight AutoQuantize counts for it as a candidate; None: not one
     refused: Mapping[str, str] = field(default_factory=dict)  # export layout or build backend -> why it cannot
 
     def __post_init__(self) -> None:

@@ -16,4 +16,5 @@ FP8 = QuantFormat(
     contract=Contract(("weight_scale", "input_scale"), ("input_scale",), (TRTLLM, VLLM, SGLANG)),
     gemm_plugin="fp8",
     onnx="fp8",
+    auto_bits=8.0,
 )

@@ -52,4 +52,5 @@ NVFP4 = QuantFormat(
     gemm_plugin="nvfp4",
     onnx="nvfp4",
     cpu_quantizer=NVFP4_CPU,
+    auto_bits=4.0,  # e2m1 values (ModelOpt's count for AutoQuantize's budget)
 )

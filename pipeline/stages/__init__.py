@@ -11,10 +11,11 @@ from pipeline.stages.finetune import Finetune
 from pipeline.stages.load import Load
 from pipeline.stages.quantize import Quantize
 from pipeline.stages.reference import Reference
+from pipeline.stages.sensitivity import Sensitivity
 from pipeline.stages.verify import Verify
 
-STAGES: tuple[Stage, ...] = (Load(), Reference(), Calibrate(), Finetune(), Quantize(), Export(), Build(),
-                             Verify())
+STAGES: tuple[Stage, ...] = (Load(), Reference(), Sensitivity(), Calibrate(), Finetune(), Quantize(), Export(),
+                             Build(), Verify())
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 

@@ -93,6 +93,7 @@ class CalibrationFacts(Facts):
     decisions: list[str]
     quantized_layers: int
     excluded_layers: int
+    layer_formats: dict[str, str]  # format auto: linear layer -> the format AutoQuantize chose ({} otherwise)
     tokens: int
     calibration_seconds: float
     placement: dict  # placement.Placement.to_json(): where the layers sat
@@ -107,9 +108,10 @@ class CalibrationFacts(Facts):
 class Calibrate(Stage):
     name = "calibrate"
     # 2: placement (device kind in the key) and layer-by-layer calibration; 3: calibrates in the stored dtype
-    # (bf16 models were upcast to fp32 before) and computes only the logits a quantized output layer needs
-    version = "3"
-    inputs = ("load",)
+    # (bf16 models were upcast to fp32 before) and computes only the logits a quantized output layer needs; 4: the
+    # per-layer formats (format auto) in plan.json and the facts
+    version = "4"
+    inputs = ("load", "sensitivity")  # sensitivity only for format auto
     fields = ("quantization", "calibration")
     libraries = ("torch", "transformers", "nvidia-modelopt")
     Facts = CalibrationFacts
@@ -138,7 +140,7 @@ class Calibrate(Stage):
     def run(self, ctx: StageContext) -> CalibrationFacts:
         import torch
 
-        from pipeline import layerwise
+        from pipeline import autoquant, layerwise
         from pipeline.modeling import load_model
         from pipeline.quant import plan_quantization, save_calibration, weight_digests
 
@@ -152,7 +154,8 @@ class Calibrate(Stage):
                                           placed.device_map, offload_dir=offload)
             check_seq_len(calib.seq_len, loaded.metadata)
             windows = data.token_windows(tokenizer, calib.dataset, calib.samples, calib.seq_len, calib.seed)
-            plan = plan_quantization(spec, model)
+            plan = (autoquant.plan(spec, model, ctx.input("sensitivity").path) if spec.format == "auto"
+                    else plan_quantization(spec, model))
             batches = [b.to(placed.input_device) for b in torch.split(windows, calib.batch_size)]
             # The logits (batch x seq x vocab) are calibration's largest activation: only a quantized output layer
             # needs them all, otherwise each sequence's last position is computed.
@@ -173,12 +176,12 @@ class Calibrate(Stage):
                 shutil.rmtree(offload, ignore_errors=True)
         (ctx.out / "plan.json").write_text(json.dumps(
             {"config": plan.config, "decisions": plan.decisions, "quantized_layers": plan.quantized_layers,
-             "excluded_layers": plan.excluded_layers}, indent=2, default=str))
+             "excluded_layers": plan.excluded_layers, "layer_formats": plan.layer_formats}, indent=2, default=str))
         return CalibrationFacts(
             format=spec.format, algorithm=spec.algorithm, kv_cache=spec.kv_cache,
             model_dtype=str(model.dtype).removeprefix("torch."), block_size=plan.block_size,
             decisions=plan.decisions, quantized_layers=len(plan.quantized_layers),
-            excluded_layers=len(plan.excluded_layers), tokens=int(windows.numel()),
+            excluded_layers=len(plan.excluded_layers), layer_formats=plan.layer_formats, tokens=int(windows.numel()),
             calibration_seconds=round(seconds, 2), placement=placed.to_json(), layerwise=by_layer,
             resumed_at_layer=resumed_at, state_tensors=saved["tensors"],
             rescaled_weights=saved["rescaled_weights"], state_bytes=saved["bytes"],

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 class Verify(Stage):
     name = "verify"
     # 4: lm-eval tasks; 5: the HF checkpoint is checked against the serving engines' loader contracts; 6: metrics by
-    # name, the unquantized model's results from the reference stage, batched windows
-    version = "6"
+    # name, the unquantized model's results from the reference stage, batched windows; 7: the per-layer formats of
+    # format auto in the report
+    version = "7"
     inputs = ("load", "reference", *MODEL_STATE, "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors", "lm-eval")
@@ -128,6 +129,7 @@ class Verify(Stage):
             "engine": engine_status, "engine_run": engine_run, "lm_eval": lm_eval,
             "sizes": {fmt: info["bytes"] for fmt, info in exported.metadata["formats"].items()},
             "fp16_bytes": exported.metadata["fp16_bytes"],
+            "layer_formats": ctx.input("calibrate").facts.layer_formats,
         }
         report.write(ctx.out, result, {fmt: r["layers"] for fmt, r in exports.items()})
         return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from pipeline.fmt import human_bytes, in_unit
@@ -44,6 +45,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {fmt} export size | {human_bytes(r['sizes'][fmt])} "
                      f"({r['sizes'][fmt] / r['fp16_bytes']:.2f}x of fp16) | |")
     lines += ["", f"Engine: {r['engine']}.", ""]
+    if r.get("layer_formats"):
+        counts = ", ".join(f"{fmt} {n}" for fmt, n in sorted(Counter(r["layer_formats"].values()).items()))
+        lines += [f"Per-layer formats chosen by AutoQuantize ({counts} linear layers; plot, right):", "",
+                  "| layer | format |", "| --- | --- |",
+                  *(f"| {name} | {fmt} |" for name, fmt in r["layer_formats"].items()), ""]
     if r["failures"]:
         lines += ["## Failures", "", *(f"- {f}" for f in r["failures"]), ""]
     if r.get("lm_eval"):
@@ -107,7 +113,9 @@ def figure(r: dict, layers: dict[str, list[dict]]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5), layout="constrained")
+    mixed = r.get("layer_formats") or {}
+    fig, (left, right, *formats) = plt.subplots(1, 3 if mixed else 2, figsize=(18 if mixed else 12, 5.5),
+                                                layout="constrained")
     names = ["fp16", *r["sizes"]]
     sizes = [in_unit(b, PLOT_UNIT) for b in (r["fp16_bytes"], *r["sizes"].values())]
     left.bar(names, sizes, color=["grey", *["tab:blue"] * len(r["sizes"])])
@@ -129,7 +137,23 @@ def figure(r: dict, layers: dict[str, list[dict]]):
     else:
         right.text(0.5, 0.5, "no per-layer weights to compare\n(exports checked by running them)",
                    ha="center", va="center", transform=right.transAxes)
+    if mixed:
+        layer_format_axes(formats[0], mixed)
     return fig
+
+
+def layer_format_axes(ax, layer_formats: dict[str, str]) -> None:
+    """Format auto: the format AutoQuantize chose for each linear layer, in model order, one row per format."""
+    names = list(layer_formats)
+    order = sorted(set(layer_formats.values()), key=lambda f: (f == "none", f))
+    for fmt in order:
+        picked = [i for i, name in enumerate(names) if layer_formats[name] == fmt]
+        ax.scatter(picked, [order.index(fmt)] * len(picked), marker="s", label=f"{fmt}: {len(picked)} layers")
+    ax.set_yticks(range(len(order)), order)
+    ax.set_ylim(-0.5, len(order) - 0.5)
+    ax.set_xlabel("linear layer (model order)")
+    ax.set_title("per-layer format chosen by AutoQuantize")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13))
 
 
 def _series(fmt: str, rows: list[dict]) -> list[tuple[str, str, list[tuple[int, dict]]]]:
