@@ -6,10 +6,11 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from pipeline import autoquant, contracts, dequant, runner
+from pipeline import autoquant, contracts, runner
 from pipeline.errors import BadInput, UnsupportedOnTarget
 from pipeline.recipe import load_recipe
 from pipeline.store import ArtifactStore
+from pipeline.verify import dequant
 from tests.test_architectures import _recipe, tiny_model, tokenizer_dir  # noqa: F401 (fixtures)
 
 AUTO = ("quantization.format=auto", "quantization.auto.candidates=[nvfp4,fp8]", "target.gpu=blackwell",

@@ -74,7 +74,7 @@ def test_one_engine_for_ada_and_blackwell_rtx(run_preset):
 
 
 def test_nvfp4_engine_for_blackwell_rtx_from_fp4_onnx(run_preset, tmp_path):
-    from pipeline.dequant import onnx_fp4_weights
+    from pipeline.verify.dequant import onnx_fp4_weights
     from pipeline.modeling import load_model
     from pipeline.quant import fold_weight_quantization, restore_calibration
 

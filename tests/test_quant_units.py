@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline import formats
-from pipeline.dequant import effective_weights
+from pipeline.verify.dequant import effective_weights
 from pipeline.errors import BadInput
 from pipeline.quant import (
     export_unified,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import runner
-from pipeline.dequant import effective_weights
+from pipeline.verify.dequant import effective_weights
 from pipeline.errors import BadInput
 from pipeline.modeling import INDEX_FILE
 from pipeline.recipe import load_recipe

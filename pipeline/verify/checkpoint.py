@@ -63,7 +63,7 @@ def check_export(folder: Path, quantized, folded: list[str], skeleton: Skeleton,
     """One exported checkpoint against the calibrated model (`quantized`, its activation quantizers off)."""
     import torch
 
-    from pipeline.dequant import effective_weights, read_config
+    from pipeline.verify.dequant import effective_weights, read_config
     from pipeline.modeling import expert_slices, expert_weight
 
     info = read_config(folder)

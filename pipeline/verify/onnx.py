@@ -19,7 +19,7 @@ def check_onnx(folder: Path, quantized, folded: list[str], model_dir: Path, wind
     instead, and the report says onnxruntime did not run it."""
     import onnx
 
-    from pipeline.dequant import onnx_fp4_weights
+    from pipeline.verify.dequant import onnx_fp4_weights
     from pipeline.onnx_export import OrtDecoder
     from pipeline.stages.export import ONNX_FILE
 
