@@ -125,7 +125,7 @@ def _fill(staging: Path, target: Path, recipe: Recipe, artifacts: dict[str, Arti
         for name in REPORT_FILES:
             copy(verify, name, name)
         facts = card.facts(recipe, artifacts)
-        quality = {"metrics": verify.metadata["metrics"], "thresholds": verify.metadata["thresholds"]}
+        quality = {"metrics": verify.facts.metrics, "thresholds": verify.facts.thresholds}
         for fmt, part in formats.items():
             serve = serving.card_lines(recipe, str(target / "hf")) if fmt == "hf" else []
             text = card.render({**facts, "artifact": f"{fmt} checkpoint", "bytes": part.bytes,

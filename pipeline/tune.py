@@ -263,9 +263,9 @@ def _evaluate(ref: str | None, overrides: list[str], bar: Bar, base: Recipe, can
         return Result(candidate, candidate_name(base, candidate), error=runner.one_line(exc))
     result = Result(candidate, recipe.name)
     artifacts = {o.stage: o.artifact for o in run.outcomes}
-    verify, quantize = artifacts["verify"].metadata, artifacts["quantize"]
-    result.ran, result.passed, result.failures = True, verify["passed"], verify["failures"]
-    result.ppl_ratio, result.agreement = verify["metrics"]["ppl_ratio"], verify["metrics"]["gen_agreement"]
+    verify, quantize = artifacts["verify"].facts, artifacts["quantize"]
+    result.ran, result.passed, result.failures = True, verify.passed, verify.failures
+    result.ppl_ratio, result.agreement = verify.metrics["ppl_ratio"], verify.metrics["gen_agreement"]
     result.bytes, result.fp16_bytes = quantize.facts.checkpoint_bytes, quantize.facts.fp16_bytes
     result.bits = round(checkpoint_bits(quantize.path / "checkpoint"), 3)
     result.layers = json.loads((quantize.path / "layers.json").read_text())

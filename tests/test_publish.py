@@ -19,6 +19,7 @@ from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.calibrate import CalibrationFacts
 from pipeline.stages.export import ExportedFormat, ExportFacts
 from pipeline.stages.load import LoadFacts
+from pipeline.stages.verify import VerifyFacts
 
 
 def _private(path, data: bytes) -> None:
@@ -75,12 +76,18 @@ class Build(Stage):
 
 
 class Verify(Stage):
-    name, version, inputs, fields = "verify", "1", ("export",), ("verify",)
+    name, version, inputs, fields, Facts = "verify", "1", ("export",), ("verify",), VerifyFacts
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> VerifyFacts:
         for name in ("report.md", "report.json", "plot.png"):
             (ctx.out / name).write_text(name)
-        return {"metrics": {"ppl_ratio": 1.01, "gen_agreement": 0.9}, "thresholds": {"ppl_ratio": 1.1, "gen_agreement": 0.5}}
+        return VerifyFacts(
+            passed=True, failures=[], metrics={"ppl_ratio": 1.01, "gen_agreement": 0.9},
+            thresholds={"ppl_ratio": 1.1, "gen_agreement": 0.5}, ppl_original=20.0, ppl_quantized=20.2, agreement=0.9,
+            top1_agreement=0.95, parity={}, format="fp8", layer_tolerance=0.1, eval_tokens=256,
+            eval_windows={"count": 1, "length": 256}, exports={}, prompt_format="raw text", generations=[],
+            engine="no engine built", engine_run=None, lm_eval=None, sizes={"hf": 100}, fp16_bytes=2000,
+            layer_formats={})
 
 
 CHAIN = (Load(), Calibrate(), Export(), Build(), Verify())

@@ -33,7 +33,7 @@ def test_a_registered_metric_is_computed_checked_and_reported(toy_metric, tiny_m
     assert report["metrics"]["toy_ppl"] == pytest.approx(report["ppl_quantized"])
     assert report["thresholds"]["toy_ppl"] == 1e9, "the metric's own default: fp8's defaults do not name it"
     assert not any("toy" in f for f in report["failures"])
-    assert f"toy_ppl {report['ppl_quantized']:.2f}" in by_name("verify").summary(report)
+    assert f"toy_ppl {report['ppl_quantized']:.2f}" in by_name("verify").summary(verify.facts)
     row = f"| toy: the quantized model's own perplexity (`toy_ppl`) | {report['ppl_quantized']:.2f} | <= 1000000000.0 |"
     assert row in (verify / REPORT_MD).read_text()
 

@@ -10,6 +10,7 @@ import logging
 
 from pipeline import contracts, data, formats, lmeval
 from pipeline.errors import BadInput
+from pipeline.facts import Facts
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
 from pipeline.state import MODEL_STATE, replay
@@ -17,6 +18,34 @@ from pipeline.store import ArtifactStore
 from pipeline.verify import metrics
 
 log = logging.getLogger(__name__)
+
+
+class VerifyFacts(Facts):
+    """The verdict, every metric by name with its threshold, what they were computed from, and each check's detail
+    (report.json holds the same and the per-layer tables)."""
+
+    passed: bool
+    failures: list[str]
+    metrics: dict[str, float]  # pipeline/verify/metrics.py, by name
+    thresholds: dict[str, float]
+    ppl_original: float
+    ppl_quantized: float
+    agreement: float
+    top1_agreement: float
+    parity: dict[str, float]  # export -> logit cosine of its dequantized weights vs the calibrated model
+    format: str
+    layer_tolerance: float
+    eval_tokens: int
+    eval_windows: dict[str, int]
+    exports: dict[str, dict]  # export -> its checks (problems, parity, contract, ONNX runtime results...)
+    prompt_format: str
+    generations: list[dict[str, str]]
+    engine: str  # what happened to the engine: ran (and how it did) or why not
+    engine_run: dict | None
+    lm_eval: dict | None
+    sizes: dict[str, int]
+    fp16_bytes: int
+    layer_formats: dict[str, str]
 
 
 class Verify(Stage):
@@ -28,6 +57,7 @@ class Verify(Stage):
     inputs = ("load", "reference", *MODEL_STATE, "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors", "lm-eval")
+    Facts = VerifyFacts
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.verify.dataset, store),
@@ -44,15 +74,15 @@ class Verify(Stage):
             raise BadInput(f"verify.dataset shares {shared} paragraphs with calibration.dataset; evaluate on "
                            "held-out text (the shipped 'eval' set is disjoint from 'calib')")
 
-    def summary(self, metadata: dict) -> str:
-        return f"{'passed' if metadata['passed'] else 'FAILED'}: {metrics.describe(metadata['metrics'])}"
+    def summary(self, facts: VerifyFacts) -> str:
+        return f"{'passed' if facts.passed else 'FAILED'}: {metrics.describe(facts.metrics)}"
 
-    def failure(self, metadata: dict) -> str | None:
-        if metadata["passed"]:
+    def failure(self, facts: VerifyFacts) -> str | None:
+        if facts.passed:
             return None
-        return "verification failed: " + "; ".join(metadata["failures"])
+        return "verification failed: " + "; ".join(facts.failures)
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> VerifyFacts:
         from pipeline.modeling import load_model
         from pipeline.quant import fold_weight_quantization, modelopt
         from pipeline.verify import checkpoint, evaluate, report
@@ -82,7 +112,7 @@ class Verify(Stage):
         # The ONNX decoder and the engine built from it quantize activations too: compare them with the fully
         # quantized model, on the same windows as its perplexity.
         exports, failures = {}, []
-        if "onnx" in exported.metadata["formats"]:
+        if "onnx" in exported.facts.formats:
             exports["onnx"] = check_onnx(exported.path / "onnx", quantized, folded, loaded / "model", windows,
                                          limits, tolerance, ctx.track)
         engine_status, engine_run = check_engine(ctx.inputs.get("build"), recipe, quantized, windows, limits,
@@ -93,7 +123,7 @@ class Verify(Stage):
         mtq, _ = modelopt()
         for pattern in ("*input_quantizer", "*output_quantizer", "*_bmm_quantizer"):
             mtq.disable_quantizer(quantized, pattern)
-        checkpoints = [fmt for fmt in exported.metadata["formats"] if fmt != "onnx"]
+        checkpoints = [fmt for fmt in exported.facts.formats if fmt != "onnx"]
         skeleton = checkpoint.Skeleton(load_model(loaded / "model")[0], loaded / "model") if checkpoints else None
         for fmt in checkpoints:
             exports[fmt] = checkpoint.check_export(exported.path / fmt, quantized, folded, skeleton, windows, recipe,
@@ -127,12 +157,12 @@ class Verify(Stage):
                              "quantized": tokenizer.decode(b, skip_special_tokens=True)}
                             for p, a, b in zip(spec.prompts, unquantized.generations, texts_quantized)],
             "engine": engine_status, "engine_run": engine_run, "lm_eval": lm_eval,
-            "sizes": {fmt: info["bytes"] for fmt, info in exported.metadata["formats"].items()},
-            "fp16_bytes": exported.metadata["fp16_bytes"],
+            "sizes": {fmt: part.bytes for fmt, part in exported.facts.formats.items()},
+            "fp16_bytes": exported.facts.fp16_bytes,
             "layer_formats": ctx.input("calibrate").facts.layer_formats,
         }
         report.write(ctx.out, result, {fmt: r["layers"] for fmt, r in exports.items()})
-        return result
+        return VerifyFacts.model_validate(result)
 
 
 def _lm_eval(spec, loaded, quantized, tokenizer, failures: list[str]) -> dict:

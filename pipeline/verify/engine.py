@@ -15,14 +15,14 @@ def check_engine(build, recipe: Recipe, quantized, windows, limits: dict, track)
 
     if build is None:
         return "no engine built (build.backend: none)", None
-    backend, size = build.metadata["backend"], human_bytes(build.metadata.get("engine_bytes", build.size))
+    backend, size = build.facts.backend, human_bytes(getattr(build.facts, "engine_bytes", build.size))
     builder = find_builder(backend)
     if not builder.info.verify_runs:
         runs = " or ".join(n for n, b in registry().items() if b.verify_runs)
         return f"{backend} build made ({size}){builder.info.verify_note}; not run by verify: it runs {runs} only", None
     gpu = builder.runnable_here(build.metadata)
     if gpu is None:
-        wanted = "/".join(f"sm_{cc.removeprefix('SM')}" for cc in build.metadata["compute_capability"].split(","))
+        wanted = "/".join(f"sm_{cc.removeprefix('SM')}" for cc in build.facts.compute_capability.split(","))
         return f"{backend} engine built ({size}); not run: no {wanted} GPU on this host", None
     # the engine's profile caps one prefill's batch and length
     fitting = windows[:, :recipe.build.max_input_len]
