@@ -17,6 +17,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+from results import put_section  # noqa: E402 (bench/, the script's own folder)
+
 from pipeline.compare import report
 
 RESULTS = BENCH / "RESULTS.md"
@@ -47,13 +49,7 @@ def main() -> None:
     started = time.time()
     subprocess.run([sys.executable, "-m", "pipeline", *command[1:]], check=True, cwd=BENCH.parent)
     rows = json.loads((OUT / report.REPORT_JSON).read_text())["rows"]
-    text = RESULTS.read_text()
-    new = section(rows, shlex.join(command), time.time() - started)
-    if START in text:
-        text = text[:text.index(START)] + new + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    RESULTS.write_text(text)
+    put_section(RESULTS, START, END, section(rows, shlex.join(command), time.time() - started))
 
 
 if __name__ == "__main__":

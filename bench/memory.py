@@ -21,6 +21,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+from results import append  # noqa: E402 (bench/, the script's own folder)
+
 from pipeline.fmt import human_bytes  # noqa: E402
 
 STAGES = ("load", "calibrate", "quantize", "export", "build", "verify")
@@ -85,10 +87,7 @@ def main() -> None:
             rss = row["peak_rss"]
             lines.append(f"| {fmt} | {stage} | {row['status']} | {row['seconds']} | {human_bytes(rss)} | "
                          f"{rss / fp32:.2f} | {(rss - imports) / fp32:.2f} | {human_bytes(row['stage_peak_rss'])} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with options.results.open("a") as fh:
-        fh.write("\n" + text)
+    append(options.results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

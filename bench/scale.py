@@ -22,6 +22,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+from results import append  # noqa: E402 (bench/, the script's own folder)
+
 from bench.memory import peak_rss  # noqa: E402
 from pipeline.fmt import human_bytes  # noqa: E402
 
@@ -131,10 +133,7 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {fmt} | {stage} | {status} | {seconds} | {human_bytes(rss)} | {rss / bf16:.2f} |"
               for fmt, stage, status, seconds, rss in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with options.results.open("a") as fh:
-        fh.write("\n" + text)
+    append(options.results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+from results import put_section  # noqa: E402 (bench/, the script's own folder)
+
 from pipeline import tune
 
 RESULTS = BENCH / "RESULTS.md"
@@ -81,13 +83,7 @@ def main() -> None:
     if code not in (0, 5):
         sys.exit(code)
     search = json.loads((OUT / tune.TUNE_JSON).read_text())
-    text = RESULTS.read_text()
-    new = section(search, shlex.join(command), time.time() - started, code)
-    if START in text:
-        text = text[:text.index(START)] + new + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    RESULTS.write_text(text)
+    put_section(RESULTS, START, END, section(search, shlex.join(command), time.time() - started, code))
 
 
 if __name__ == "__main__":

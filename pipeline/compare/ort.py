@@ -21,7 +21,6 @@ class UnquantizedOnnx(Stage):
     version = "1"
     inputs = ("load",)
     libraries = ("torch", "transformers", "onnx")
-    code_modules = ("pipeline.onnx_export", "pipeline.modeling")
 
     def run(self, ctx: StageContext) -> dict:
         import torch

@@ -21,8 +21,6 @@ class Row(Stage):
     version = "1"
     fields = EVAL_FIELDS
     libraries = ("torch", "transformers")
-    code_modules = ("pipeline.compare.stages", "pipeline.compare.measure", "pipeline.verify.evaluate",
-                    "pipeline.modeling", "pipeline.data")
 
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.verify.dataset, store)}
@@ -61,7 +59,6 @@ class RecipeRow(Row):
     name = "compare-recipe"
     inputs = ("load", "calibrate", "quantize", REFERENCE)
     libraries = ("torch", "transformers", "nvidia-modelopt")
-    code_modules = (*Row.code_modules, "pipeline.quant")
 
     def run(self, ctx: StageContext) -> dict:
         from pipeline.compare import measure

@@ -8,11 +8,19 @@ import json
 import time
 
 from pipeline import data
+from pipeline.facts import Facts
 from pipeline.recipe import Recipe
 from pipeline.stages.base import Stage, StageContext
 from pipeline.store import ArtifactStore
 
 SCORES = "scores.json"
+
+
+class SensitivityFacts(Facts):
+    candidates: list[str]
+    groups: int  # layer groups AutoQuantize scored (fused q/k/v and gate/up are one group)
+    tokens: int
+    seconds: float
 
 
 class Sensitivity(Stage):
@@ -21,6 +29,7 @@ class Sensitivity(Stage):
     inputs = ("load",)
     fields = ("quantization.auto.candidates", "quantization.exclude", "calibration")
     libraries = ("torch", "transformers", "nvidia-modelopt")
+    Facts = SensitivityFacts
 
     def applies(self, recipe: Recipe) -> bool:
         return recipe.quantization.format == "auto"
@@ -28,11 +37,11 @@ class Sensitivity(Stage):
     def params(self, recipe: Recipe, store: ArtifactStore) -> dict:
         return {**super().params(recipe, store), "data": data.fingerprint(recipe.calibration.dataset, store)}
 
-    def summary(self, metadata: dict) -> str:
-        return (f"{metadata['groups']} layer groups x {len(metadata['candidates'])} candidates scored on "
-                f"{metadata['tokens']} tokens in {metadata['seconds']:.0f} s")
+    def summary(self, facts: SensitivityFacts) -> str:
+        return (f"{facts.groups} layer groups x {len(facts.candidates)} candidates scored on {facts.tokens} tokens "
+                f"in {facts.seconds:.0f} s")
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> SensitivityFacts:
         import torch
 
         from pipeline import autoquant
@@ -45,5 +54,5 @@ class Sensitivity(Stage):
         scores = autoquant.score(model, spec, list(torch.split(windows, calib.batch_size)), ctx.out)
         seconds = time.time() - started
         (ctx.out / SCORES).write_text(json.dumps(scores, indent=2))
-        return {"candidates": list(spec.auto.candidates), "groups": len(scores), "tokens": int(windows.numel()),
-                "seconds": round(seconds, 2)}
+        return SensitivityFacts(candidates=list(spec.auto.candidates), groups=len(scores),
+                                tokens=int(windows.numel()), seconds=round(seconds, 2))
