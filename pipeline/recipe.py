@@ -18,8 +18,9 @@ Format = Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
 # Formats AutoQuantize can mix: ModelOpt 0.47's auto_quantize calibrates every candidate with max (no AWQ search,
 # no SmoothQuant), so only the formats whose own algorithm is max.
 AutoCandidate = Literal["fp8", "nvfp4"]
-# Bits per weight of each candidate as AutoQuantize counts them for effective_bits (e2m1 + 1 for nvfp4).
-CANDIDATE_BITS: dict[str, float] = {"fp8": 8.0, "nvfp4": 4.0}
+# Bits per weight of each candidate as AutoQuantize counts them for effective_bits (ModelOpt's NVFP4 config says 4.5:
+# four bits plus an FP8 scale per 16 values).
+CANDIDATE_BITS: dict[str, float] = {"fp8": 8.0, "nvfp4": 4.5}
 Algorithm = Literal["auto", "max", "awq_lite", "awq_clip", "awq_full", "smoothquant", "gptq"]
 
 # What "auto" means for each format: ModelOpt's own default algorithm for it.
