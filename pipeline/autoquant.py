@@ -75,7 +75,7 @@ def plan(spec: QuantizationSpec, model, sensitivity: Path) -> QuantPlan:
                                               {"effective_bits": spec.auto.effective_bits})
     sizes = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
              and not any(fnmatch.fnmatch(name, pattern) for pattern in spec.exclude)}
-    formats = layer_formats(config, spec.auto.candidates, sizes)
+    formats = layer_formats(config, spec.auto.candidates, sorted(sizes))
     bits = effective_bits(formats, sizes)
     quantized = [n for n, f in formats.items() if f != UNQUANTIZED]
     unquantized = [n for n, f in formats.items() if f == UNQUANTIZED]
@@ -87,13 +87,13 @@ def plan(spec: QuantizationSpec, model, sensitivity: Path) -> QuantPlan:
     return QuantPlan(config, None, quantized, unquantized, [decision], formats)
 
 
-def layer_formats(config: dict, candidates: tuple[str, ...], sizes: dict[str, int]) -> dict[str, str]:
+def layer_formats(config: dict, candidates: tuple[str, ...], layers: list[str]) -> dict[str, str]:
     """Linear layer -> the candidate its weight quantizer was given (by its bit layout), or 'none'."""
     mtq, _ = modelopt()
     by_bits = {_weight_bits(getattr(mtq, formats.get(fmt).modelopt_config)["quant_cfg"], "*weight_quantizer"): fmt
                for fmt in candidates}
     return {name: by_bits.get(_weight_bits(config["quant_cfg"], f"{name}.weight_quantizer"), UNQUANTIZED)
-            for name in sorted(sizes)}
+            for name in layers}
 
 
 def _weight_bits(entries: list[dict], quantizer: str):

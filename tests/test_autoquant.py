@@ -60,8 +60,8 @@ def test_auto_picks_a_per_layer_map_within_budget_and_exports_it(tiny_model, tmp
 
 
 @pytest.mark.parametrize(("overrides", "error", "message"), [
-    (("quantization.auto.effective_bits=3.5",), BadInput, "effective_bits 3.5 is outside what the candidates reach"),
-    (("quantization.auto.effective_bits=16.5",), BadInput, "use 4.0 (all nvfp4) to 16"),
+    (("quantization.auto.effective_bits=4.2",), BadInput, "effective_bits 4.2 is outside what the candidates reach"),
+    (("quantization.auto.effective_bits=16.5",), BadInput, "use 4.5 (all nvfp4) to 16"),
     (("quantization.auto.candidates=[int4_awq]",), BadInput, "'int4_awq' is not allowed"),
     (("quantization.auto.candidates=[]",), BadInput, "quantization.auto.candidates"),
     (("quantization.kv_cache=fp8",), BadInput, "kv_cache 'fp8' does not combine with format 'auto'"),
