@@ -98,7 +98,8 @@ def test_matrix_on_a_local_ray_cluster_calibrates_each_format_once_and_reruns_as
     built = _built(events)
     assert [stage for stage, _ in built].count("calibrate") == 2, "one calibration per format, shared by targets"
     assert [stage for stage, _ in built].count("build") == 4
-    assert len(built) == len(set(built)) == 15
+    assert [stage for stage, _ in built].count("reference") == 1, "the unquantized results, shared by every cell"
+    assert len(built) == len(set(built)) == 16
     end = events[-1]
     assert end["event"] == "matrix_end" and end["ok"] and len(end["cells"]) == 4
     for cell in ("fp8-sm_89", "fp8-sm_120", "int8_sq-sm_89", "int8_sq-sm_120"):
