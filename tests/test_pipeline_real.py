@@ -36,15 +36,14 @@ def test_calibration_change_reruns_calibrate_and_after_only(run_preset, real_sto
     assert steps["load"].hit and not steps["calibrate"].hit
     assert steps["calibrate"].reasons == ["calibration.seed: 0 -> 7"]
     assert statuses(runner.run(changed, real_store, until="export")) == {
-        "load": "hit", "reference": "hit", "calibrate": "built", "quantize": "built", "export": "built"}
+        "load": "hit", "calibrate": "built", "quantize": "built", "export": "built"}
 
 
 def test_tensor_parallel_export_reuses_the_calibration(run_preset):
     run_preset("fp8")
     # SmolLM2 has 9 query and 3 KV heads: tp=3 is the sharding it allows (tp=2 is refused, see test_bad_input).
     result = run_preset("fp8", "export.formats=[trtllm]", "export.tp=3")
-    assert statuses(result) == {"load": "hit", "reference": "hit", "calibrate": "hit", "quantize": "hit",
-                                "export": "built"}
+    assert statuses(result) == {"load": "hit", "calibrate": "hit", "quantize": "hit", "export": "built"}
     export = result.outcomes[-1].artifact / "trtllm"
     ranks = sorted(p.name for p in export.glob("rank*.safetensors"))
     assert ranks == ["rank0.safetensors", "rank1.safetensors", "rank2.safetensors"]

@@ -29,7 +29,7 @@ def test_tokens_in_the_environment_never_reach_manifests_logs_reports_or_cards(t
     assert FAKE_TOKEN not in result.stdout + result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]  # --json: one event per line
     assert [e["stage"] for e in events if e["event"] == "stage_end"] == \
-        ["load", "reference", "calibrate", "quantize", "export", "build", "verify"]
+        ["load", "calibrate", "quantize", "export", "build", "reference", "verify"]
     assert events[-1]["event"] == "run_end" and events[-1]["ok"]
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000
              and FAKE_TOKEN.encode() in p.read_bytes()]

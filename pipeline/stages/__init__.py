@@ -14,8 +14,10 @@ from pipeline.stages.reference import Reference
 from pipeline.stages.sensitivity import Sensitivity
 from pipeline.stages.verify import Verify
 
-STAGES: tuple[Stage, ...] = (Load(), Reference(), Sensitivity(), Calibrate(), Finetune(), Quantize(), Export(),
-                             Build(), Verify())
+# reference (the unquantized model's results) just before verify: a recipe that fails earlier, or a run
+# `--until export`, never pays for it.
+STAGES: tuple[Stage, ...] = (Load(), Sensitivity(), Calibrate(), Finetune(), Quantize(), Export(), Build(),
+                             Reference(), Verify())
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 
