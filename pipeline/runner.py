@@ -109,7 +109,19 @@ def plan(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, forc
         if not step.hit:
             step.reasons = _why(stage.name, key, record, previous.get(stage.name), forced, store)
         steps.append(step)
-    return steps
+    return _needed_by(steps, until) if until else steps
+
+
+def _needed_by(steps: list[Step], until: str) -> list[Step]:
+    """The steps `until` needs, directly or through its inputs, and its own: `--until verify` runs everything,
+    `--until export` not the reference stage that only verify reads. (A stage the recipe skips: all before it.)"""
+    if until not in {s.stage.name for s in steps}:
+        return steps
+    needed = {until}
+    for step in reversed(steps):
+        if step.stage.name in needed:
+            needed.update(step.record.inputs)
+    return [s for s in steps if s.stage.name in needed]
 
 
 def run(recipe: Recipe, store: ArtifactStore, *, until: str | None = None, force: Iterable[str] = (),
