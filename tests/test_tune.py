@@ -64,13 +64,14 @@ def test_tune_publishes_the_smaller_passing_candidate_and_a_rerun_builds_nothing
 @pytest.mark.slow
 def test_the_autoquantize_ladder_stops_at_the_first_passing_budget_below_fp8(tiny_tune):
     """On Blackwell at 99% agreement the tiny Llama's NVFP4 fails (75%) and FP8 passes: the ladder over fp8+nvfp4
-    tries 4.5 bits (fails), then 6 (passes, smaller than FP8), and never 7."""
+    tries 5 bits (fails), then 6 (passes, smaller than FP8), and never 7. (4.5 bits would be all NVFP4, as AutoQuantize
+    counts it: the ladder starts above the smallest candidate.)"""
     result = tiny_tune("--set=target=blackwell", "--max-ppl-ratio", "1.05", "--min-agreement", "0.99",
-                       "--formats", "fp8,nvfp4", "--budgets", "4.5,6,7", "--exclude-steps", "none", "--json")
+                       "--formats", "fp8,nvfp4", "--budgets", "4.5,5,6,7", "--exclude-steps", "none", "--json")
     assert result.returncode == 0, result.stderr
     search = json.loads(result.stdout)
     candidates = {c["candidate"]: c for c in search["candidates"]}
-    assert list(candidates) == ["fp8", "nvfp4", "auto-4.5", "auto-6"]
+    assert list(candidates) == ["fp8", "nvfp4", "auto-5", "auto-6"]
     assert [candidates[c]["passed"] for c in candidates] == [True, False, False, True]
     assert search["chosen"] == "auto-6" and candidates["auto-6"]["bytes"] < candidates["fp8"]["bytes"]
     assert candidates["auto-6"]["quantization"]["auto"] == {"candidates": ["fp8", "nvfp4"], "effective_bits": 6.0}
