@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from pipeline import formats
-from pipeline.quant import QuantPlan, _canonical, _use_cpu_quantizers, library_prints, modelopt
+from pipeline.quant import QuantPlan, library_prints, modelopt, use_cpu_quantizers, write_state
 from pipeline.recipe import CANDIDATE_BITS, QuantizationSpec
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def candidate_configs(candidates: tuple[str, ...]) -> list[dict]:
     configs = [copy.deepcopy(getattr(mtq, formats.get(fmt).modelopt_config)) for fmt in candidates]
     if not torch.cuda.is_available():
         for config in configs:
-            _use_cpu_quantizers(config)
+            use_cpu_quantizers(config)
     return configs
 
 
@@ -48,11 +48,9 @@ def score(model, spec: QuantizationSpec, batches: list, out: Path) -> dict:
             data_loader=batches, forward_step=lambda m, batch: m(input_ids=batch, labels=batch),
             loss_func=lambda output, batch: output.loss, disabled_layers=list(spec.exclude),
             num_calib_steps=len(batches), num_score_steps=len(batches))
-    # Plain pickle of a key-sorted state, not ModelOpt's torch.save checkpoint, and without the candidates'
-    # calibrations (calibrate redoes the one it needs): a rerun must reproduce the artifact byte for byte, and a
-    # pickled tensor carries torch.save's random serialization id.
-    searched = {key: value for key, value in state.items() if key != "quantizer_states"}
-    (out / SEARCH_STATE).write_bytes(pickle.dumps(_canonical(searched), protocol=4))
+    # Without the candidates' calibrations (calibrate redoes the one it needs): their tensors would carry
+    # torch.save's random serialization id, and a rerun must reproduce the artifact byte for byte.
+    write_state(out / SEARCH_STATE, {key: value for key, value in state.items() if key != "quantizer_states"})
     return {name.removesuffix(".quant_recipe"): {"module_names": stats["module_names"],
                                                  "scores": [float(s) for s in stats["scores"]],
                                                  "costs": [float(c) for c in stats["costs"]]}

@@ -52,7 +52,7 @@ def modelopt():
     return mtq, mto
 
 
-def _use_cpu_quantizers(config: dict) -> None:
+def use_cpu_quantizers(config: dict) -> None:
     """Point every quantizer entry whose value and scale bits a CPU fake quantizer covers at that quantizer."""
     by_bits = {(q.num_bits, q.scale_bits): q.backend for q in formats.cpu_quantizers()}
     for entry in config["quant_cfg"]:
@@ -134,7 +134,7 @@ def plan_quantization(spec: QuantizationSpec, model) -> QuantPlan:
         with library_prints():
             config = mtq.update_quant_cfg_with_kv_cache_quant(config, copy.deepcopy(kv))
     if not torch.cuda.is_available():
-        _use_cpu_quantizers(config)
+        use_cpu_quantizers(config)
     disabled = _disabled_patterns(config)
     widths = {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
               and not any(fnmatch.fnmatch(f"{name}.weight_quantizer", p) for p in disabled)}
@@ -191,6 +191,12 @@ def _smoothed(weight, module):
         return None
     inverse = 1.0 / pqs.to(weight.device, torch.float32)  # the scale may sit on the GPU calibration used
     return (weight * inverse.squeeze()[None, :]).to(weight.dtype)
+
+
+def write_state(path, state) -> None:
+    """A ModelOpt state as a plain pickle, byte for byte the same on every rerun: torch.save adds a random
+    serialization id, and ModelOpt builds some dicts from sets (so they are key-sorted first)."""
+    path.write_bytes(pickle.dumps(_canonical(state), protocol=4))
 
 
 def _canonical(value):
@@ -259,9 +265,7 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
             changed[name] = tensor.detach().clone().contiguous()
     save_file(changed, out / TENSORS_FILE)
     (out / RESCALED_FILE).write_text(json.dumps(rescaled))
-    # Plain pickle of a key-sorted state: torch.save adds a random serialization id and ModelOpt builds some dicts
-    # from sets, and a rerun must reproduce the artifact byte for byte.
-    (out / STATE_FILE).write_bytes(pickle.dumps(_canonical(mto.modelopt_state(model)), protocol=4))
+    write_state(out / STATE_FILE, mto.modelopt_state(model))
     return {"tensors": len(changed), "rescaled_weights": len(rescaled),
             "bytes": sum(t.numel() * t.element_size() for t in changed.values())}
 
