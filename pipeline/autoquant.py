@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from pipeline import formats
-from pipeline.quant import QuantPlan, library_prints, modelopt, use_cpu_quantizers, write_state
+from pipeline.quant import QuantPlan, computes_on_cpu, library_prints, modelopt, use_cpu_quantizers, write_state
 from pipeline.recipe import CANDIDATE_BITS, QuantizationSpec
 
 log = logging.getLogger(__name__)
@@ -21,13 +21,11 @@ SEARCH_STATE = "search_state.pkl"  # AutoQuantize's search state: per-group cand
 UNQUANTIZED = "none"
 
 
-def candidate_configs(candidates: tuple[str, ...]) -> list[dict]:
-    """Each candidate's ModelOpt config (pointed at the CPU fake quantizers where there is no GPU)."""
-    import torch
-
+def candidate_configs(candidates: tuple[str, ...], cpu: bool) -> list[dict]:
+    """Each candidate's ModelOpt config (pointed at the CPU fake quantizers for a model computing on the CPU)."""
     mtq, _ = modelopt()
     configs = [copy.deepcopy(getattr(mtq, formats.get(fmt).modelopt_config)) for fmt in candidates]
-    if not torch.cuda.is_available():
+    if cpu:
         for config in configs:
             use_cpu_quantizers(config)
     return configs
@@ -38,7 +36,7 @@ def score(model, spec: QuantizationSpec, batches: list, out: Path) -> dict:
     (what mtq.get_auto_quantize_config re-solves from) in out/SEARCH_STATE. Returns the per-group scores and costs
     (for the manifest and the report)."""
     mtq, _ = modelopt()
-    configs = candidate_configs(spec.auto.candidates)
+    configs = candidate_configs(spec.auto.candidates, computes_on_cpu(model))
     with library_prints(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*custom quantization formats.*")
         _, state = mtq.auto_quantize(

@@ -52,6 +52,12 @@ def modelopt():
     return mtq, mto
 
 
+def computes_on_cpu(model) -> bool:
+    """No parameter of `model` sits on a GPU (offloaded ones are meta): ModelOpt's CUDA-only fake quantizers cannot
+    run it, also on a host that has a GPU (model.device: cpu)."""
+    return not any(p.device.type == "cuda" for p in model.parameters())
+
+
 def use_cpu_quantizers(config: dict) -> None:
     """Point every quantizer entry whose value and scale bits a CPU fake quantizer covers at that quantizer."""
     by_bits = {(q.num_bits, q.scale_bits): q.backend for q in formats.cpu_quantizers()}
@@ -61,6 +67,18 @@ def use_cpu_quantizers(config: dict) -> None:
             backend = by_bits.get((cfg.get("num_bits"), (cfg.get("block_sizes") or {}).get("scale_bits")))
             if backend:
                 cfg["backend"] = backend
+
+
+def _use_cpu_quantizer_modules(model) -> None:
+    """use_cpu_quantizers for the quantizers of a model already quantized."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    by_bits = {(q.num_bits, q.scale_bits): q.backend for q in formats.cpu_quantizers()}
+    for module in model.modules():
+        if isinstance(module, TensorQuantizer) and module.backend is None and module.block_sizes:
+            backend = by_bits.get((module.num_bits, module.block_sizes.get("scale_bits")))
+            if backend:
+                module.backend = backend
 
 
 class _LineLog(io.TextIOBase):
@@ -133,7 +151,7 @@ def plan_quantization(spec: QuantizationSpec, model) -> QuantPlan:
         kv = getattr(mtq, formats.KV_CACHES[spec.kv_cache].modelopt_config)["quant_cfg"]
         with library_prints():
             config = mtq.update_quant_cfg_with_kv_cache_quant(config, copy.deepcopy(kv))
-    if not torch.cuda.is_available():
+    if computes_on_cpu(model):
         use_cpu_quantizers(config)
     disabled = _disabled_patterns(config)
     widths = {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
@@ -282,6 +300,8 @@ def restore_calibration(model, folder) -> None:
     result = model.load_state_dict(load_file(folder / TENSORS_FILE), strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"calibration state does not fit this model: {result.unexpected_keys[:3]}")
+    if computes_on_cpu(model):  # a calibration made on a GPU names ModelOpt's CUDA-only quantizers
+        _use_cpu_quantizer_modules(model)
     with torch.no_grad():
         for name in json.loads((folder / RESCALED_FILE).read_text()):
             module = model.get_submodule(name.rsplit(".", 1)[0])

@@ -94,18 +94,95 @@ def test_cuda_calibration_of_each_hopper_format(tiny_llama, tmp_path, fmt):  # n
     assert (artifacts["quantize"] / "checkpoint" / "hf_quant_config.json").is_file()
 
 
+# NVFP4 runs on Blackwell only; a Hopper host still calibrates it for a Blackwell target.
+TARGETS = {"nvfp4": "target=blackwell"}
+
+
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("fmt", ["fp8", "int4_awq"])
+@pytest.mark.parametrize("fmt", ["fp8", "int4_awq", "nvfp4"])
 def test_cuda_and_cpu_calibrations_are_keyed_apart_and_agree(tiny_llama, tmp_path, fmt):  # noqa: F811
     import torch
     from safetensors.torch import load_file
 
-    cpu = _calibrate_tiny(tiny_llama, tmp_path / "cache", fmt, "model.device=cpu")["calibrate"]
-    cuda = _calibrate_tiny(tiny_llama, tmp_path / "cache", fmt, "model.device=cuda")["calibrate"]
+    target = TARGETS.get(fmt, "target=hopper")
+    cpu = _calibrate_tiny(tiny_llama, tmp_path / "cache", fmt, "model.device=cpu", target)["calibrate"]
+    cuda = _calibrate_tiny(tiny_llama, tmp_path / "cache", fmt, "model.device=cuda", target)["calibrate"]
     assert cpu.key != cuda.key, "kernels round differently: one device kind's calibration never serves the other"
     on_cpu, on_cuda = (load_file(a / "calibration.safetensors") for a in (cpu, cuda))
     amax = sorted(name for name in on_cpu if name.endswith("_amax"))
     assert amax and amax == sorted(name for name in on_cuda if name.endswith("_amax"))
     for name in amax:
         torch.testing.assert_close(on_cuda[name], on_cpu[name], rtol=2e-2, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cpu_nvfp4_fake_quantizer_matches_modelopts_cuda_kernel():
+    """pipeline.fp4 stands in for ModelOpt's CUDA NVFP4 kernel wherever a model computes on the CPU: both must
+    round every value alike."""
+    import torch
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from pipeline import fp4
+    from pipeline.quant import modelopt
+
+    modelopt()
+    values = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * 3
+    values[0, :16] = 0.0  # an all-zero block
+    quantizer = TensorQuantizer(QuantizerAttributeConfig(
+        num_bits=(2, 1), axis=None, block_sizes={-1: 16, "type": "dynamic", "scale_bits": (4, 3)}))
+    quantizer.amax = values.abs().amax()
+    on_gpu = quantizer.cuda()(values.cuda()).cpu()
+    on_cpu = fp4.nvfp4_qdq(values, 16, values.abs().amax())
+    assert (on_gpu != values).float().mean() > 0.5, "the CUDA kernel did quantize"
+    differ = (on_cpu != on_gpu).float().mean().item()
+    assert differ < 1e-4, f"{differ:.2%} of values round differently; max error {(on_cpu - on_gpu).abs().max():.3g}"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_nvfp4_calibrated_on_a_gpu_host_computes_on_cpu(tiny_llama, tmp_path, device):  # noqa: F811
+    """A Hopper build host quantizing for Blackwell: NVFP4 calibrates on its GPU or its CPU, and the restored model
+    computes on the CPU (verify, generate --runtime pytorch) through the CPU fake quantizer."""
+    import torch
+
+    from pipeline.state import restore_model
+
+    artifacts = _calibrate_tiny(tiny_llama, tmp_path / "cache", "nvfp4", f"model.device={device}",
+                                TARGETS["nvfp4"])
+    model, _ = restore_model({"load": artifacts["load"], "calibrate": artifacts["calibrate"]})
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens).logits
+    assert torch.isfinite(logits).all() and logits.abs().max() > 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["fp8", "int4_awq"])
+def test_layer_by_layer_cuda_calibration_matches_the_whole_model(tiny_llama, tmp_path, fmt):  # noqa: F811
+    import torch
+    from safetensors.torch import load_file
+
+    whole = _calibrate_tiny(tiny_llama, tmp_path / "a", fmt, "model.device=cuda", "calibration.layerwise=off")
+    by_layer = _calibrate_tiny(tiny_llama, tmp_path / "b", fmt, "model.device=cuda", "calibration.layerwise=on")
+    assert by_layer["calibrate"].metadata["layerwise"] and not whole["calibrate"].metadata["layerwise"]
+    expected, got = (load_file(a["calibrate"] / "calibration.safetensors") for a in (whole, by_layer))
+    amax = sorted(name for name in expected if name.endswith("_amax"))
+    assert amax and amax == sorted(name for name in got if name.endswith("_amax"))
+    for name in amax:
+        torch.testing.assert_close(got[name], expected[name], rtol=2e-2, atol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_calibration_spilling_from_the_gpu_to_cpu_memory(tiny_llama, tmp_path):  # noqa: F811
+    """Weights the GPU cannot hold wait in CPU memory and run on the GPU one layer at a time (auto: layer by
+    layer, since the model spills)."""
+    artifacts = _calibrate_tiny(tiny_llama, tmp_path / "cache", "fp8", "model.max_memory={cuda:0: 600KB}")
+    calibrated = artifacts["calibrate"].metadata
+    assert calibrated["placement"]["layers"].get("cpu", 0) > 0 and calibrated["layerwise"]
+    assert (artifacts["quantize"] / "checkpoint" / "hf_quant_config.json").is_file()
