@@ -240,7 +240,7 @@ def weight_digests(model) -> dict[str, bytes]:
 def _digest(tensor) -> bytes:
     import torch
 
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.blake2b(raw, digest_size=16).digest()
 
 
@@ -266,7 +266,9 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
     state = state_dict(model)
     # A tied weight (lm_head sharing the embedding) is saved once under the other name.
     stored_storage = {state[n].data_ptr() for n in files if n in state}
-    for name, tensor in state.items():
+    for name, placed in state.items():
+        tied = placed.data_ptr() in stored_storage
+        tensor = placed.detach().cpu()  # a GPU calibration's tensors are compared and saved on the CPU
         if name in files:
             if before.get(name) == _digest(tensor):
                 continue
@@ -278,9 +280,9 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
             if replay is not None and torch.equal(replay, tensor):
                 rescaled.append(name)
                 continue
-            changed[name] = tensor.detach().contiguous()  # a parameter of its own: saved as is, not copied
-        elif tensor.data_ptr() not in stored_storage:
-            changed[name] = tensor.detach().clone().contiguous()
+            changed[name] = tensor.contiguous()  # a parameter of its own: saved as is, not copied
+        elif not tied:
+            changed[name] = tensor.clone().contiguous()
     save_file(changed, out / TENSORS_FILE)
     (out / RESCALED_FILE).write_text(json.dumps(rescaled))
     write_state(out / STATE_FILE, mto.modelopt_state(model))
