@@ -94,6 +94,18 @@ def test_cuda_calibration_of_each_hopper_format(tiny_llama, tmp_path, fmt):  # n
     assert (artifacts["quantize"] / "checkpoint" / "hf_quant_config.json").is_file()
 
 
+def _assert_same_ranges(expected, got) -> None:
+    """Two calibration artifacts hold the same quantizers, and their ranges agree within 2%."""
+    import torch
+    from safetensors.torch import load_file
+
+    first, second = (load_file(a / "calibration.safetensors") for a in (expected, got))
+    amax = sorted(name for name in first if name.endswith("_amax"))
+    assert amax and amax == sorted(name for name in second if name.endswith("_amax"))
+    for name in amax:
+        torch.testing.assert_close(second[name], first[name], rtol=2e-2, atol=1e-4, msg=name)
+
+
 # NVFP4 runs on Blackwell only; a Hopper host still calibrates it for a Blackwell target.
 TARGETS = {"nvfp4": "target=blackwell"}
 
@@ -102,18 +114,11 @@ TARGETS = {"nvfp4": "target=blackwell"}
 @needs_gpu
 @pytest.mark.parametrize("fmt", ["fp8", "int4_awq", "nvfp4"])
 def test_cuda_and_cpu_calibrations_are_keyed_apart_and_agree(tiny_llama, tmp_path, fmt):  # noqa: F811
-    import torch
-    from safetensors.torch import load_file
-
     target = TARGETS.get(fmt, "target=hopper")
     cpu = _calibrate_tiny(tiny_llama, tmp_path / "cache", fmt, "model.device=cpu", target)["calibrate"]
     cuda = _calibrate_tiny(tiny_llama, tmp_path / "cache", fmt, "model.device=cuda", target)["calibrate"]
     assert cpu.key != cuda.key, "kernels round differently: one device kind's calibration never serves the other"
-    on_cpu, on_cuda = (load_file(a / "calibration.safetensors") for a in (cpu, cuda))
-    amax = sorted(name for name in on_cpu if name.endswith("_amax"))
-    assert amax and amax == sorted(name for name in on_cuda if name.endswith("_amax"))
-    for name in amax:
-        torch.testing.assert_close(on_cuda[name], on_cpu[name], rtol=2e-2, atol=1e-4, msg=name)
+    _assert_same_ranges(cpu, cuda)
 
 
 @pytest.mark.gpu
@@ -166,17 +171,10 @@ def test_nvfp4_calibrated_on_a_gpu_host_computes_on_cpu(tiny_llama, tmp_path, de
 def test_layer_by_layer_calibration_agrees_on_cuda_and_cpu(tiny_llama, tmp_path, fmt):  # noqa: F811
     """Layer by layer, each layer calibrates on the outputs of the quantized layers before it (so it differs from
     a whole-model calibration by design); on CUDA and on the CPU it must agree."""
-    import torch
-    from safetensors.torch import load_file
-
     runs = {device: _calibrate_tiny(tiny_llama, tmp_path / device, fmt, f"model.device={device}",
                                     "calibration.layerwise=on")["calibrate"] for device in ("cpu", "cuda")}
     assert all(artifact.metadata["layerwise"] for artifact in runs.values())
-    on_cpu, on_cuda = (load_file(runs[d] / "calibration.safetensors") for d in ("cpu", "cuda"))
-    amax = sorted(name for name in on_cpu if name.endswith("_amax"))
-    assert amax and amax == sorted(name for name in on_cuda if name.endswith("_amax"))
-    for name in amax:
-        torch.testing.assert_close(on_cuda[name], on_cpu[name], rtol=2e-2, atol=1e-4, msg=name)
+    _assert_same_ranges(runs["cpu"], runs["cuda"])
 
 
 @pytest.mark.gpu
