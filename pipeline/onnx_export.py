@@ -10,6 +10,7 @@ post-processors turn them into standard ops with low-precision weight initialize
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -91,40 +92,144 @@ def export(model, path: Path) -> dict:
     from modelopt.onnx.quantization.qdq_utils import replace_zero_scale_with_smallest_nonzero
     from modelopt.torch.quantization.export_onnx import configure_linear_module_onnx_quantizers
 
+    path = path.resolve()
     raw = path.with_suffix(".raw.onnx")
     # Block-quantized weights export as static Q/DQ, activations as dynamic quantization (TensorRT's FP4 recipe).
     with torch.inference_mode(), warnings.catch_warnings(), configure_linear_module_onnx_quantizers(model):
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape logic: the graph is verified
         layers = model.config.num_hidden_layers
-        torch.onnx.export(Decoder(model).eval(), _example(model.config), str(raw), input_names=io_names(layers)[0],
-                          output_names=io_names(layers)[1], dynamic_axes=dynamic_axes(layers), opset_version=19,
-                          do_constant_folding=True, dynamo=False)
+        _trace(Decoder(model).eval(), _example(model.config), raw, input_names=io_names(layers)[0],
+               output_names=io_names(layers)[1], dynamic_axes=dynamic_axes(layers), opset_version=19,
+               do_constant_folding=True, dynamo=False)
     formats = quantized_formats(model)
-    release_memory()  # the tracer's copies of the weights, before the graph is read back
-    graph = onnx.load(str(raw), load_external_data=True)
-    for kind in formats:
-        graph = EMITTERS[kind].process(graph, model)
-    for node in graph.graph.node:  # the FP8 exporter renames TRT ops but keeps their custom domain
-        if node.domain == "trt" and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            node.domain = ""
-    stale = {n.output[0] for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
-    kept = [vi for vi in graph.graph.value_info if vi.name not in stale]  # types left by the custom ops
-    del graph.graph.value_info[:]
-    graph.graph.value_info.extend(kept)
-    release_memory()  # the graphs each step above replaced
-    graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
-    graph = _half_unquantized(graph)
-    needed = [EMITTERS[kind].ir_version for kind in formats if EMITTERS[kind].ir_version]
-    graph.ir_version = max(needed) if needed else min(graph.ir_version, 10)
-    release_memory()
-    # Weights stream to external data, each tensor's bytes dropped from the graph once written: serializing them
-    # into the protobuf would hold one more copy of every weight (and is impossible above 2 GB).
-    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
+    release_memory()  # the tracer's graph and folded constants, before the graph is read back
+    # Large initializers stay in raw's external data, read one at a time when a step needs their values (onnx and
+    # onnx-graphsurgeon resolve external data against the working directory) and copied to path's data at the end.
+    with contextlib.chdir(path.parent):
+        graph = onnx.load(raw.name, load_external_data=False)
+        for kind in formats:
+            graph = _in_memory_marked(EMITTERS[kind].process(graph, model))
+        for node in graph.graph.node:  # the FP8 exporter renames TRT ops but keeps their custom domain
+            if node.domain == "trt" and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                node.domain = ""
+        stale = {n.output[0] for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+        kept = [vi for vi in graph.graph.value_info if vi.name not in stale]  # types left by the custom ops
+        del graph.graph.value_info[:]
+        graph.graph.value_info.extend(kept)
+        release_memory()  # the graphs each step above replaced
+        graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
+        graph = _half_unquantized(graph)
+        needed = [EMITTERS[kind].ir_version for kind in formats if EMITTERS[kind].ir_version]
+        graph.ir_version = max(needed) if needed else min(graph.ir_version, 10)
+        release_memory()
+        # Weights stream to external data, each tensor's bytes dropped from the graph once written: serializing
+        # them into the protobuf would hold one more copy of every weight (and is impossible above 2 GB).
+        _save_external(graph, path)
     raw.unlink()
     for leftover in path.parent.glob(f"{raw.name}*"):
         leftover.unlink()
     return {"quantized": formats, "external_data": True, "ops": qdq_histogram(path)}
+
+
+EXTERNAL_MIN_BYTES = 1024  # initializers this large go to external data (onnx.save_model's size_threshold)
+
+_ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
+               torch.float16: 10, torch.float64: 11, torch.bfloat16: 16, torch.float8_e4m3fn: 17}  # TensorProto
+
+
+def _trace(module, args, path: Path, **options) -> None:
+    """torch.onnx.export (legacy tracer) writing only the graph: the exporter would serialize every initializer
+    (the weights and the constants it folded) into one protobuf string and copy that into Python, two copies of
+    the weights beside the model. Here it serializes none; `_write_initializers` streams them to external data,
+    tensor by tensor, straight from the tensors the tracer collected (the model's own parameters, not copies)."""
+    collected = {}
+    graph_type = torch._C.Graph
+    original = graph_type._export_onnx
+
+    def graph_only(self, params, *rest):
+        collected.update(params)
+        return original(self, {}, *rest)  # without initializers the exporter lists them as graph inputs
+
+    graph_type._export_onnx = graph_only
+    try:
+        torch.onnx.export(module, args, str(path), **options)
+    finally:
+        graph_type._export_onnx = original
+    _write_initializers(path, collected)
+
+
+def _write_initializers(path: Path, tensors: dict) -> None:
+    """Turn the graph inputs at `path` named in `tensors` into initializers, the large ones written to
+    `path.data` one at a time (the protobuf never holds their bytes)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    inputs = [i for i in graph.graph.input if i.name not in tensors]
+    names = [i.name for i in graph.graph.input if i.name in tensors]
+    del graph.graph.input[:]
+    graph.graph.input.extend(inputs)
+    data = path.with_name(f"{path.name}.data")
+    with open(data, "wb") as out:
+        for name in names:
+            tensor = tensors[name].detach()
+            init = graph.graph.initializer.add()
+            init.name, init.data_type = name, _ONNX_TYPES[tensor.dtype]
+            init.dims.extend(tensor.shape)
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes, no copy
+            if raw.nbytes < EXTERNAL_MIN_BYTES:
+                init.raw_data = raw.tobytes()
+                continue
+            _external(init, data.name, out.tell(), raw.nbytes)
+            out.write(memoryview(raw))
+    onnx.save_model(graph, str(path))
+
+
+def _external(tensor, location: str, offset: int, length: int) -> None:
+    import onnx
+
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+
+
+def _in_memory_marked(graph):
+    """onnx-graphsurgeon keeps a tensor's EXTERNAL mark when a pass replaces its values with in-memory bytes: the
+    bytes are the truth, so the mark goes (onnx would otherwise read a file the tensor no longer names)."""
+    import onnx
+
+    for init in graph.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL and init.HasField("raw_data"):
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+    return graph
+
+
+def _save_external(graph, path: Path) -> None:
+    """Save `graph` to `path` with every initializer of EXTERNAL_MIN_BYTES or more in `path.data`: in-memory ones
+    written and dropped, those still in another file's external data (read relative to the working directory)
+    copied over one at a time."""
+    import onnx
+    from onnx.external_data_helper import _read_external_data_bytes, uses_external_data
+
+    location = f"{path.name}.data"
+    with open(path.with_name(location), "wb") as out:
+        for init in graph.graph.initializer:
+            if init.HasField("raw_data"):
+                if len(init.raw_data) < EXTERNAL_MIN_BYTES:
+                    continue
+                raw = init.raw_data
+            elif uses_external_data(init):
+                raw = _read_external_data_bytes(init, "")
+            else:
+                continue
+            offset = out.tell()
+            out.write(raw)
+            _external(init, location, offset, len(raw))
+            del raw
+    onnx.save_model(graph, str(path))
 
 
 def _emit_int4(graph, model):
