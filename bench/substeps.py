@@ -98,7 +98,12 @@ def main() -> None:
     if options.what == "export":
         import modelopt.torch.quantization  # noqa: F401
 
-        for owner, names in ((state, ["restore_model"]), (torch.onnx, ["export"]),
+        import onnx_graphsurgeon as gs
+        from modelopt.onnx.export import FP8QuantExporter
+
+        for owner, names in ((state, ["restore_model"]), (torch.onnx, ["export"]), (gs, ["import_onnx", "export_onnx"]),
+                             (gs.Graph, ["fold_constants"]),
+                             (FP8QuantExporter, ["compress_weights", "post_process"]),
                              (onnx_export, [n for n in dir(onnx_export) if n.startswith(("_half", "_fp8", "_int8",
                                                                                           "_float", "_static",
                                                                                           "_stream", "_write"))]),

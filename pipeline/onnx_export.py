@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.host import release_memory
+from pipeline.host import large_frees_to_os, release_memory
 
 KV_PAST, KV_PRESENT = "past_key_values.%d.{}", "present.%d.{}"  # ONNX Runtime GenAI's default names
 
@@ -92,6 +92,7 @@ def export(model, path: Path) -> dict:
     from modelopt.onnx.quantization.qdq_utils import replace_zero_scale_with_smallest_nonzero
     from modelopt.torch.quantization.export_onnx import configure_linear_module_onnx_quantizers
 
+    large_frees_to_os()  # the steps below load, convert and drop one weight after another
     path = path.resolve()
     raw = path.with_suffix(".raw.onnx")
     # Block-quantized weights export as static Q/DQ, activations as dynamic quantization (TensorRT's FP4 recipe).
@@ -105,10 +106,11 @@ def export(model, path: Path) -> dict:
     release_memory()  # the tracer's graph and folded constants, before the graph is read back
     # Large initializers stay in raw's external data, read one at a time when a step needs their values (onnx and
     # onnx-graphsurgeon resolve external data against the working directory) and copied to path's data at the end.
-    with contextlib.chdir(path.parent):
+    spill = f"{raw.name}.spill"  # in-memory tensors a step made, kept on disk between steps
+    with contextlib.chdir(path.parent), _disk_values_read_per_use():
         graph = onnx.load(raw.name, load_external_data=False)
         for kind in formats:
-            graph = _in_memory_marked(EMITTERS[kind].process(graph, model))
+            graph = _to_disk(EMITTERS[kind].process(graph, model), spill)
         for node in graph.graph.node:  # the FP8 exporter renames TRT ops but keeps their custom domain
             if node.domain == "trt" and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 node.domain = ""
@@ -118,7 +120,7 @@ def export(model, path: Path) -> dict:
         graph.graph.value_info.extend(kept)
         release_memory()  # the graphs each step above replaced
         graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
-        graph = _half_unquantized(graph)
+        graph = _to_disk(_half_unquantized(graph), spill)
         needed = [EMITTERS[kind].ir_version for kind in formats if EMITTERS[kind].ir_version]
         graph.ir_version = max(needed) if needed else min(graph.ir_version, 10)
         release_memory()
@@ -195,16 +197,55 @@ def _external(tensor, location: str, offset: int, length: int) -> None:
     tensor.ClearField("raw_data")
 
 
-def _in_memory_marked(graph):
-    """onnx-graphsurgeon keeps a tensor's EXTERNAL mark when a pass replaces its values with in-memory bytes: the
-    bytes are the truth, so the mark goes (onnx would otherwise read a file the tensor no longer names)."""
+SPILL_MIN_BYTES = 1 << 16  # in-memory initializers this large are moved to disk between export steps
+
+
+def _to_disk(graph, spill: str):
+    """Move the large in-memory initializers a step made (or loaded) to the external file `spill` (relative to the
+    working directory), so the next step's copies of the graph (onnx-graphsurgeon copies it twice on export) do
+    not copy weights. Also drops the EXTERNAL mark onnx-graphsurgeon leaves on a tensor whose values a step
+    replaced with in-memory bytes (onnx would otherwise read a file the tensor no longer names)."""
     import onnx
 
-    for init in graph.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL and init.HasField("raw_data"):
-            init.data_location = onnx.TensorProto.DEFAULT
-            del init.external_data[:]
+    with open(spill, "ab") as out:
+        for init in graph.graph.initializer:
+            if not init.HasField("raw_data"):
+                continue
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                init.data_location = onnx.TensorProto.DEFAULT
+                del init.external_data[:]
+            if len(init.raw_data) >= SPILL_MIN_BYTES:
+                offset = out.tell()
+                out.write(init.raw_data)
+                _external(init, spill, offset, out.tell() - offset)
+    release_memory()
     return graph
+
+
+@contextlib.contextmanager
+def _disk_values_read_per_use():
+    """onnx-graphsurgeon reads a lazily loaded tensor's values on first use and keeps them in the graph: a pass
+    that reads every weight once (ModelOpt's weight compression) then holds all of them, in fp32, until the graph
+    goes. Within this block a tensor still on disk is read at each use instead, read-only, so a pass that changed
+    one in place would fail loudly rather than lose the change."""
+    from onnx.external_data_helper import uses_external_data
+    from onnx_graphsurgeon.ir.tensor import Constant, LazyValues
+
+    cached = Constant.values
+
+    def values(self):
+        lazy = self._values
+        if isinstance(lazy, LazyValues) and uses_external_data(lazy.tensor):
+            array = lazy.load()
+            array.flags.writeable = False
+            return array
+        return cached.fget(self)
+
+    Constant.values = property(values, cached.fset)
+    try:
+        yield
+    finally:
+        Constant.values = cached
 
 
 def _save_external(graph, path: Path) -> None:
@@ -405,8 +446,8 @@ def _half_unquantized(graph, min_elements: int = 1 << 16):
     for node in list(g.nodes):
         position = {"Gather": 0, "MatMul": 1}.get(node.op)
         weight = node.inputs[position] if position is not None else None
-        if not (isinstance(weight, gs.Constant) and weight.values.dtype == np.float32
-                and weight.values.size >= min_elements):
+        if not (isinstance(weight, gs.Constant) and weight.dtype == np.float32
+                and np.prod(weight.shape) >= min_elements):  # read from the tensor's type, not its values
             continue
         node.inputs[position] = gs.Constant(f"{weight.name}_fp16", weight.values.astype(np.float16))
         if node.op == "MatMul":
