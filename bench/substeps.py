@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import sys
 import threading
 import time
@@ -140,12 +141,14 @@ def main() -> None:
         recipe = load_recipe("fp8", ["target=ada", "build.backend=tensorrt-rtx"])
         config = AutoConfig.from_pretrained(artifact(cache, "load") / "model")
         graph = artifact(cache, "export") / "onnx" / "model.onnx"
+        options.out.mkdir(parents=True, exist_ok=True)
         with sampler.step("compile_engine (all)"):
-            engine, _ = rtx.compile_engine(graph, config, recipe.build, [89])
-        with sampler.step("write engine"):
-            options.out.mkdir(parents=True, exist_ok=True)
-            (options.out / "model.engine").write_bytes(engine)
-            del engine
+            if "engine_path" in inspect.signature(rtx.compile_engine).parameters:
+                rtx.compile_engine(graph, config, recipe.build, [89], options.out / "model.engine")
+            else:  # before the engine was written by compile_engine
+                engine, _ = rtx.compile_engine(graph, config, recipe.build, [89])
+                (options.out / "model.engine").write_bytes(engine)
+                del engine
     print(sampler.report())
     print(f"process peak (VmHWM): {next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]} kB")
 
