@@ -72,10 +72,11 @@ class Sampler:
 
 
 def artifact(cache: Path, stage: str) -> Path:
+    """The newest committed artifact of `stage` in the cache."""
     found = [p for p in (cache / stage).iterdir() if (p / "manifest.json").is_file()]
-    if len(found) != 1:
-        raise SystemExit(f"expected one {stage} artifact in {cache / stage}, found {len(found)}")
-    return found[0]
+    if not found:
+        raise SystemExit(f"no {stage} artifact in {cache / stage}")
+    return max(found, key=lambda p: (p / "manifest.json").stat().st_mtime)
 
 
 def main() -> None:
