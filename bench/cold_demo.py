@@ -21,7 +21,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from results import append  # noqa: E402
+from results import append
 
 
 def cold_run(checkout: Path, overrides: list[str]) -> tuple[float, int, int]:
@@ -31,7 +31,7 @@ def cold_run(checkout: Path, overrides: list[str]) -> tuple[float, int, int]:
                    *[arg for item in overrides for arg in ("--set", item)], "--cache-dir", cache]
         env = {**os.environ, "PYTHONPATH": str(checkout)}
         started = time.perf_counter()
-        proc = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
+        proc = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - started
     peak = int(proc.stderr.strip().splitlines()[-1]) * 1024 if proc.stderr.strip() else 0
     return seconds, peak, proc.returncode
@@ -55,7 +55,7 @@ def main() -> None:
             runs["baseline"].append(cold_run(worktree, options.overrides))
             runs["this"].append(cold_run(ROOT, options.overrides))
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True, check=False)
     best = {name: min(r[0] for r in rows) for name, rows in runs.items()}
     lines = [f"## Cold `make demo` pipeline against {options.baseline} ({time.strftime('%Y-%m-%d')})", "",
              f"`python bench/cold_demo.py {' '.join(sys.argv[1:])}` on {platform.platform()}, {os.cpu_count()} "

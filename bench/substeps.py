@@ -88,8 +88,8 @@ def main() -> None:
     sampler = Sampler()
     import shutil
 
-    import onnx  # noqa: F401 (imports are not the sub-steps' cost)
-    import torch  # noqa: F401
+    import onnx
+    import torch
 
     from pipeline import onnx_export, state
     from pipeline.stages import export as export_stage
@@ -99,7 +99,6 @@ def main() -> None:
     cache = options.cache_dir
     if options.what == "export":
         import modelopt.torch.quantization  # noqa: F401
-
         import onnx_graphsurgeon as gs
         from modelopt.onnx.export import FP8QuantExporter
 
