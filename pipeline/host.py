@@ -104,6 +104,22 @@ def release_memory() -> None:
         pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def large_frees_to_os(threshold: int = 1 << 17) -> None:
+    """Make glibc serve every allocation of `threshold` bytes or more with its own mapping, returned to the OS when
+    freed. By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, after which
+    weight-sized arrays come from the heap and stay in the process when freed: a loop over weights (each loaded,
+    converted, dropped) then grows RSS by their sum rather than by the largest. Setting it once fixes it."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _own_peak() -> int:
     try:
         status = Path("/proc/self/status").read_text()

@@ -10,6 +10,7 @@ post-processors turn them into standard ops with low-precision weight initialize
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.host import release_memory
+from pipeline.host import large_frees_to_os, release_memory
 
 KV_PAST, KV_PRESENT = "past_key_values.%d.{}", "present.%d.{}"  # ONNX Runtime GenAI's default names
 
@@ -91,40 +92,185 @@ def export(model, path: Path) -> dict:
     from modelopt.onnx.quantization.qdq_utils import replace_zero_scale_with_smallest_nonzero
     from modelopt.torch.quantization.export_onnx import configure_linear_module_onnx_quantizers
 
+    large_frees_to_os()  # the steps below load, convert and drop one weight after another
+    path = path.resolve()
     raw = path.with_suffix(".raw.onnx")
     # Block-quantized weights export as static Q/DQ, activations as dynamic quantization (TensorRT's FP4 recipe).
     with torch.inference_mode(), warnings.catch_warnings(), configure_linear_module_onnx_quantizers(model):
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape logic: the graph is verified
         layers = model.config.num_hidden_layers
-        torch.onnx.export(Decoder(model).eval(), _example(model.config), str(raw), input_names=io_names(layers)[0],
-                          output_names=io_names(layers)[1], dynamic_axes=dynamic_axes(layers), opset_version=19,
-                          do_constant_folding=True, dynamo=False)
+        _trace(Decoder(model).eval(), _example(model.config), raw, input_names=io_names(layers)[0],
+               output_names=io_names(layers)[1], dynamic_axes=dynamic_axes(layers), opset_version=19,
+               do_constant_folding=True, dynamo=False)
     formats = quantized_formats(model)
-    release_memory()  # the tracer's copies of the weights, before the graph is read back
-    graph = onnx.load(str(raw), load_external_data=True)
-    for kind in formats:
-        graph = EMITTERS[kind].process(graph, model)
-    for node in graph.graph.node:  # the FP8 exporter renames TRT ops but keeps their custom domain
-        if node.domain == "trt" and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            node.domain = ""
-    stale = {n.output[0] for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
-    kept = [vi for vi in graph.graph.value_info if vi.name not in stale]  # types left by the custom ops
-    del graph.graph.value_info[:]
-    graph.graph.value_info.extend(kept)
-    release_memory()  # the graphs each step above replaced
-    graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
-    graph = _half_unquantized(graph)
-    needed = [EMITTERS[kind].ir_version for kind in formats if EMITTERS[kind].ir_version]
-    graph.ir_version = max(needed) if needed else min(graph.ir_version, 10)
-    release_memory()
-    # Weights stream to external data, each tensor's bytes dropped from the graph once written: serializing them
-    # into the protobuf would hold one more copy of every weight (and is impossible above 2 GB).
-    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
+    release_memory()  # the tracer's graph and folded constants, before the graph is read back
+    # Large initializers stay in raw's external data, read one at a time when a step needs their values (onnx and
+    # onnx-graphsurgeon resolve external data against the working directory) and copied to path's data at the end.
+    spill = f"{raw.name}.spill"  # in-memory tensors a step made, kept on disk between steps
+    with contextlib.chdir(path.parent), _disk_values_read_per_use():
+        graph = onnx.load(raw.name, load_external_data=False)
+        for kind in formats:
+            graph = _to_disk(EMITTERS[kind].process(graph, model), spill)
+        for node in graph.graph.node:  # the FP8 exporter renames TRT ops but keeps their custom domain
+            if node.domain == "trt" and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                node.domain = ""
+        stale = {n.output[0] for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+        kept = [vi for vi in graph.graph.value_info if vi.name not in stale]  # types left by the custom ops
+        del graph.graph.value_info[:]
+        graph.graph.value_info.extend(kept)
+        release_memory()  # the graphs each step above replaced
+        graph = replace_zero_scale_with_smallest_nonzero(graph)  # TensorRT wants positive scales
+        graph = _to_disk(_half_unquantized(graph), spill)
+        needed = [EMITTERS[kind].ir_version for kind in formats if EMITTERS[kind].ir_version]
+        graph.ir_version = max(needed) if needed else min(graph.ir_version, 10)
+        release_memory()
+        # Weights stream to external data, each tensor's bytes dropped from the graph once written: serializing
+        # them into the protobuf would hold one more copy of every weight (and is impossible above 2 GB).
+        _save_external(graph, path)
     raw.unlink()
     for leftover in path.parent.glob(f"{raw.name}*"):
         leftover.unlink()
     return {"quantized": formats, "external_data": True, "ops": qdq_histogram(path)}
+
+
+EXTERNAL_MIN_BYTES = 1024  # initializers this large go to external data (onnx.save_model's size_threshold)
+
+_ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
+               torch.float16: 10, torch.float64: 11, torch.bfloat16: 16, torch.float8_e4m3fn: 17}  # TensorProto
+
+
+def _trace(module, args, path: Path, **options) -> None:
+    """torch.onnx.export (legacy tracer) writing only the graph: the exporter would serialize every initializer
+    (the weights and the constants it folded) into one protobuf string and copy that into Python, two copies of
+    the weights beside the model. Here it serializes none; `_write_initializers` streams them to external data,
+    tensor by tensor, straight from the tensors the tracer collected (the model's own parameters, not copies)."""
+    collected = {}
+    graph_type = torch._C.Graph
+    original = graph_type._export_onnx
+
+    def graph_only(self, params, *rest):
+        collected.update(params)
+        return original(self, {}, *rest)  # without initializers the exporter lists them as graph inputs
+
+    graph_type._export_onnx = graph_only
+    try:
+        torch.onnx.export(module, args, str(path), **options)
+    finally:
+        graph_type._export_onnx = original
+    _write_initializers(path, collected)
+
+
+def _write_initializers(path: Path, tensors: dict) -> None:
+    """Turn the graph inputs at `path` named in `tensors` into initializers, the large ones written to
+    `path.data` one at a time (the protobuf never holds their bytes)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    inputs = [i for i in graph.graph.input if i.name not in tensors]
+    names = [i.name for i in graph.graph.input if i.name in tensors]
+    del graph.graph.input[:]
+    graph.graph.input.extend(inputs)
+    data = path.with_name(f"{path.name}.data")
+    with open(data, "wb") as out:
+        for name in names:
+            tensor = tensors[name].detach()
+            init = graph.graph.initializer.add()
+            init.name, init.data_type = name, _ONNX_TYPES[tensor.dtype]
+            init.dims.extend(tensor.shape)
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes, no copy
+            if raw.nbytes < EXTERNAL_MIN_BYTES:
+                init.raw_data = raw.tobytes()
+                continue
+            _external(init, data.name, out.tell(), raw.nbytes)
+            out.write(memoryview(raw))
+    onnx.save_model(graph, str(path))
+
+
+def _external(tensor, location: str, offset: int, length: int) -> None:
+    import onnx
+
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+
+
+SPILL_MIN_BYTES = 1 << 16  # in-memory initializers this large are moved to disk between export steps
+
+
+def _to_disk(graph, spill: str):
+    """Move the large in-memory initializers a step made (or loaded) to the external file `spill` (relative to the
+    working directory), so the next step's copies of the graph (onnx-graphsurgeon copies it twice on export) do
+    not copy weights. Also drops the EXTERNAL mark onnx-graphsurgeon leaves on a tensor whose values a step
+    replaced with in-memory bytes (onnx would otherwise read a file the tensor no longer names)."""
+    import onnx
+
+    with open(spill, "ab") as out:
+        for init in graph.graph.initializer:
+            if not init.HasField("raw_data"):
+                continue
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                init.data_location = onnx.TensorProto.DEFAULT
+                del init.external_data[:]
+            if len(init.raw_data) >= SPILL_MIN_BYTES:
+                offset = out.tell()
+                out.write(init.raw_data)
+                _external(init, spill, offset, out.tell() - offset)
+    release_memory()
+    return graph
+
+
+@contextlib.contextmanager
+def _disk_values_read_per_use():
+    """onnx-graphsurgeon reads a lazily loaded tensor's values on first use and keeps them in the graph: a pass
+    that reads every weight once (ModelOpt's weight compression) then holds all of them, in fp32, until the graph
+    goes. Within this block a tensor still on disk is read at each use instead, read-only, so a pass that changed
+    one in place would fail loudly rather than lose the change."""
+    from onnx.external_data_helper import uses_external_data
+    from onnx_graphsurgeon.ir.tensor import Constant, LazyValues
+
+    cached = Constant.values
+
+    def values(self):
+        lazy = self._values
+        if isinstance(lazy, LazyValues) and uses_external_data(lazy.tensor):
+            array = lazy.load()
+            array.flags.writeable = False
+            return array
+        return cached.fget(self)
+
+    Constant.values = property(values, cached.fset)
+    try:
+        yield
+    finally:
+        Constant.values = cached
+
+
+def _save_external(graph, path: Path) -> None:
+    """Save `graph` to `path` with every initializer of EXTERNAL_MIN_BYTES or more in `path.data`: in-memory ones
+    written and dropped, those still in another file's external data (read relative to the working directory)
+    copied over one at a time."""
+    import onnx
+    from onnx.external_data_helper import _read_external_data_bytes, uses_external_data
+
+    location = f"{path.name}.data"
+    with open(path.with_name(location), "wb") as out:
+        for init in graph.graph.initializer:
+            if init.HasField("raw_data"):
+                if len(init.raw_data) < EXTERNAL_MIN_BYTES:
+                    continue
+                raw = init.raw_data
+            elif uses_external_data(init):
+                raw = _read_external_data_bytes(init, "")
+            else:
+                continue
+            offset = out.tell()
+            out.write(raw)
+            _external(init, location, offset, len(raw))
+            del raw
+    onnx.save_model(graph, str(path))
 
 
 def _emit_int4(graph, model):
@@ -300,8 +446,8 @@ def _half_unquantized(graph, min_elements: int = 1 << 16):
     for node in list(g.nodes):
         position = {"Gather": 0, "MatMul": 1}.get(node.op)
         weight = node.inputs[position] if position is not None else None
-        if not (isinstance(weight, gs.Constant) and weight.values.dtype == np.float32
-                and weight.values.size >= min_elements):
+        if not (isinstance(weight, gs.Constant) and weight.dtype == np.float32
+                and np.prod(weight.shape) >= min_elements):  # read from the tensor's type, not its values
             continue
         node.inputs[position] = gs.Constant(f"{weight.name}_fp16", weight.values.astype(np.float16))
         if node.op == "MatMul":

@@ -63,9 +63,8 @@ class TensorRTRTX(Builder):
 
         model = AutoConfig.from_pretrained(ctx.input("load") / "model")
         graph = next((ctx.input("export") / self.info.export).glob("*.onnx"))  # the decoder (weights may sit beside it)
-        engine, metadata = compile_engine(graph, model, ctx.recipe.build,
-                                          [int(gpu.removeprefix("sm_")) for gpu in ctx.recipe.gpus])
-        (ctx.out / ENGINE_FILE).write_bytes(engine)
+        metadata = compile_engine(graph, model, ctx.recipe.build,
+                                  [int(gpu.removeprefix("sm_")) for gpu in ctx.recipe.gpus], ctx.out / ENGINE_FILE)
         (ctx.out / "engine.json").write_text(json.dumps(
             {"compute_capability": metadata["compute_capability"], "profile": metadata["profile"],
              "inputs": io_names(model.num_hidden_layers)[0]}, indent=2))
@@ -78,8 +77,11 @@ class TensorRTRTX(Builder):
         return engine_decoder(folder / ENGINE_FILE)
 
 
-def compile_engine(onnx_path: Path, model_config, spec, sms: list[int]) -> tuple[bytes, dict]:
-    """Parse the ONNX decoder and build one serialized engine that runs on each of `sms` (no GPU needed)."""
+def compile_engine(onnx_path: Path, model_config, spec, sms: list[int], engine_path: Path) -> dict:
+    """Parse the ONNX decoder (from its file: the parser reads the external weights itself) and write one
+    serialized engine that runs on each of `sms` (no GPU needed) to `engine_path`. The parser and network, which
+    hold the weights, are freed before the engine is written, and the engine goes to the file from TensorRT's own
+    buffer (no Python copy)."""
     import tensorrt_rtx as trt
 
     from pipeline.onnx_export import KV_PAST, kv_names, kv_shape
@@ -105,12 +107,18 @@ def compile_engine(onnx_path: Path, model_config, spec, sms: list[int]) -> tuple
     for index, sm in enumerate(sms):
         config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{sm}"), index)
     serialized = builder.build_serialized_network(network, config)
+    del parser, network, config, profile, builder
+    host.release_memory()
     if serialized is None:
         raise RuntimeError("TensorRT-RTX returned no engine; rerun with -vv for the builder log")
-    engine = bytes(memoryview(serialized))
-    checks = ["ONNX parsed", "engine serialized", f"header magic {ENGINE_MAGIC!r}: {engine[:4] == ENGINE_MAGIC}"]
-    return engine, {"backend": "tensorrt-rtx", "tensorrt_rtx": trt.__version__,
-                    "compute_capability": ",".join(f"SM{sm}" for sm in sms), "engine_bytes": len(engine),
+    engine = memoryview(serialized)
+    with open(engine_path, "wb") as out:
+        out.write(engine)
+    magic, size = bytes(engine[:4]), engine.nbytes
+    del engine, serialized
+    checks = ["ONNX parsed", "engine serialized", f"header magic {ENGINE_MAGIC!r}: {magic == ENGINE_MAGIC}"]
+    return {"backend": "tensorrt-rtx", "tensorrt_rtx": trt.__version__,
+                    "compute_capability": ",".join(f"SM{sm}" for sm in sms), "engine_bytes": size,
                     "build_seconds": round(time.time() - started, 2),
                     "profile": {"batch": batch, "new_tokens": seq, "past_tokens": past}, "quantize_layers": layers,
                     "checks": checks, "not_checked": "running the engine needs an RTX-class GPU of its architecture"}
