@@ -140,10 +140,10 @@ class Verify(Stage):
         """Every check, one model resident at a time (the calibrated one; parity runs it as a plain model holding
         each export's weights), each sub-step timed and its memory sampled (steps.json)."""
         from pipeline.modeling import load_model
-        from pipeline.quant import fold_weight_quantization, modelopt
+        from pipeline.quant import modelopt
         from pipeline.verify import checkpoint, evaluate
         from pipeline.verify.engine import check_engine
-        from pipeline.verify.onnx import check_onnx
+        from pipeline.verify.onnx import check_onnx, fused, open_onnx
         from pipeline.verify.steps import layer_progress
 
         recipe, spec, limits = ctx.recipe, ctx.recipe.verify, ctx.params["thresholds"]
@@ -155,17 +155,25 @@ class Verify(Stage):
         with steps.step("load the calibrated model"):
             quantized, tokenizer = load_model(loaded / "model")
             replay(quantized, ctx.inputs)
-            folded = fold_weight_quantization(quantized)
+            folded = checkpoint.fold_in_place(quantized)
             windows = evaluate.eval_windows(tokenizer, data.load_documents(spec.dataset), spec.tokens, spec.seq_len)
         tolerance = formats.get(recipe.quantization.format).layer_tolerance
         on = evaluate.describe_windows(windows)
 
-        with steps.step("perplexity, quantized"):
+        # The ONNX decoder and the engine built from it quantize activations too: compare them with the fully
+        # quantized model, on the same windows as its perplexity. onnxruntime's prefills run in the perplexity
+        # pass, so the calibrated model's logits on the windows are computed once.
+        logits_of, onnx_run, comparison = evaluate.model_logits(quantized), None, None
+        if "onnx" in exported.facts.formats:
+            with steps.step("onnx: open in onnxruntime"):
+                onnx_run = open_onnx(exported.path / "onnx")
+            if onnx_run[0] is not None:
+                logits_of, comparison = fused(onnx_run[0], quantized.config, logits_of)
+        with steps.step("perplexity, quantized" + (" (and onnxruntime's prefills)" if comparison else "")):
             batches = evaluate.batches(windows)
-            described = f"perplexity, quantized: {on}"
+            described = f"perplexity, quantized{' and onnxruntime' if comparison else ''}: {on}"
             with progress(quantized, len(batches), described):
-                scored = evaluate.score(evaluate.model_logits(quantized), evaluate.tracked(
-                    ctx.track, batches, described))
+                scored = evaluate.score(logits_of, evaluate.tracked(ctx.track, batches, described))
         with steps.step("generation and agreement, quantized"):
             prompts = [evaluate.prompt_ids(tokenizer, p) for p in spec.prompts]
             asked = f"{len(prompts)} prompts x {spec.max_new_tokens} new tokens"
@@ -174,13 +182,13 @@ class Verify(Stage):
             agree = evaluate.agreement(quantized, evaluate.tracked(
                 ctx.track, prompts, f"teacher-forced agreement: {asked}"), unquantized.generations)
 
-        # The ONNX decoder and the engine built from it quantize activations too: compare them with the fully
-        # quantized model, on the same windows as its perplexity.
         exports, failures = {}, []
-        if "onnx" in exported.facts.formats:
-            with steps.step("onnx: onnxruntime vs the calibrated model"):
+        if onnx_run:
+            with steps.step("onnx: KV cache and decode speed in onnxruntime, or FP4 weights"):
                 exports["onnx"] = check_onnx(exported.path / "onnx", quantized, folded, loaded / "model", windows,
-                                             limits, tolerance, ctx.track)
+                                             limits, tolerance, ctx.track, onnx_run,
+                                             comparison.result() if comparison else None)
+            del onnx_run, logits_of, comparison  # the onnxruntime session
         with steps.step("engine"):
             engine_status, engine_run = check_engine(ctx.inputs.get("build"), recipe, quantized, windows, limits,
                                                      ctx.track)

@@ -30,6 +30,26 @@ def original_tensors(model_dir: Path, names: Iterable[str]) -> dict:
     return found
 
 
+def fold_in_place(model) -> list[str]:
+    """pipeline.quant.fold_weight_quantization (each weight replaced by its fake-quantized value once, its weight
+    quantizer off: the same forward, re-quantizing nothing per call), but written into the weight's own storage.
+    The weights of a loaded model are private copy-on-write maps of the load artifact's file: a new tensor per
+    weight would leave every page of the file that folding read resident beside the folded copy (measured: 1.48 GB
+    instead of 1.07 GB for the bundled model); written in place, each page read becomes the folded page. The
+    file itself is never written (a private map)."""
+    import torch
+
+    folded = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            if quantizer is not None and quantizer.is_enabled:
+                module.weight.copy_(quantizer(module.weight))
+                quantizer.disable()
+                folded.append(name)
+    return folded
+
+
 @contextlib.contextmanager
 def holding(model, weights: Mapping, experts: dict) -> Iterator:
     """`model` (the calibrated one) computing as a plain transformers model that holds `weights` (HF names ->

@@ -93,8 +93,8 @@ def effective_weights(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple
 
 
 def dequantized(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple[EffectiveWeights, list[str]]:
-    """effective_weights, dequantized on access (each weight is dequantized once here to check its shape, then
-    dropped)."""
+    """effective_weights, dequantized on access (each weight's shape is checked here on the meta device, where
+    dequantizing computes nothing, or by dequantizing it once where a codec cannot run there)."""
     info = read_config(folder)
     tensors = _tensors(folder)
     layer_algos = info["layer_algos"]
@@ -126,7 +126,7 @@ def dequantized(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple[Effec
             make = functools.partial(_dequantize, codec, tensor, tensors[f"{module}.{layout.weight_scale}"],
                                      tensors.get(f"{module}.{layout.weight_scale_2}"), shapes[module][1],
                                      tensors.get(f"{module}.{layout.pre_quant_scale}"))
-            shape = tuple(make().shape)
+            shape = _dequantized_shape(make)
             if shape != tuple(shapes[module]):
                 problems.append(f"{name}: dequantizes to {shape}, model has {tuple(shapes[module])}")
                 continue
@@ -139,6 +139,14 @@ def dequantized(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple[Effec
         if f"{module}.weight" not in out:
             problems.append(f"{module}.weight: not in the checkpoint")
     return EffectiveWeights(out), problems
+
+
+def _dequantized_shape(make: functools.partial) -> tuple[int, ...]:
+    try:
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in make.args]
+        return tuple(make.func(*meta).shape)
+    except (NotImplementedError, RuntimeError, TypeError, ValueError, IndexError):
+        return tuple(make().shape)
 
 
 def _dequantize(codec: WeightCodec, tensor, scale, scale_2, in_features: int, pre_quant_scale) -> torch.Tensor:
