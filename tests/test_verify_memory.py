@@ -6,8 +6,6 @@ import gc
 import inspect
 import json
 
-import pytest
-
 from pipeline import runner
 from pipeline.store import ArtifactStore
 from tests.test_architectures import _recipe, tiny_model, tokenizer_dir  # noqa: F401 (fixtures)

@@ -92,7 +92,7 @@ class Verify(Stage):
         from pipeline.verify.steps import Steps
 
         recipe, spec, limits = ctx.recipe, ctx.recipe.verify, ctx.params["thresholds"]
-        loaded, exported = ctx.input("load"), ctx.input("export")
+        exported = ctx.input("export")
         unquantized = Reference.read(ctx.input("reference").path)
         steps = Steps(ctx.report)
         try:
@@ -152,6 +152,10 @@ class Verify(Stage):
         def progress(model, forwards: int, description: str):
             return layer_progress(ctx, model, forwards, description)
 
+        tasks_before = None
+        if spec.tasks:
+            with steps.step("lm-eval tasks, unquantized"):
+                tasks_before = _lm_eval_unquantized(spec, loaded)
         with steps.step("load the calibrated model"):
             quantized, tokenizer = load_model(loaded / "model")
             replay(quantized, ctx.inputs)
@@ -193,8 +197,8 @@ class Verify(Stage):
             engine_status, engine_run = check_engine(ctx.inputs.get("build"), recipe, quantized, windows, limits,
                                                      ctx.track)
         if spec.tasks:
-            with steps.step("lm-eval tasks"):
-                lm_eval = _lm_eval(spec, loaded, quantized, tokenizer, failures)
+            with steps.step("lm-eval tasks, quantized"):
+                lm_eval = _lm_eval(spec, tasks_before, quantized, tokenizer, failures)
         else:
             lm_eval = None
         # Parity: weight-only view of the calibrated model (activation and KV quantizers off, pre-quant scales kept)
@@ -211,18 +215,30 @@ class Verify(Stage):
                 windows, tolerance)
 
 
-def _lm_eval(spec, loaded, quantized, tokenizer, failures: list[str]) -> dict:
-    """The recipe's lm-eval tasks on both models (quantizers on) with the same settings; misses join `failures`.
-    The one check that still runs the unquantized model: the harness drives each model itself, so its results
-    depend on the task settings and are not in the reference artifact."""
+def _lm_eval_unquantized(spec, loaded):
+    """The recipe's lm-eval tasks on the unquantized model, run before the calibrated model is loaded and freed
+    after, so the two are never resident together. The one check that still runs the unquantized model: the
+    harness drives each model itself, so its results depend on the task settings and are not in the reference
+    artifact."""
+    from pipeline.host import release_memory
     from pipeline.modeling import load_model
 
-    settings = {"batch_size": spec.task_batch_size, "num_fewshot": spec.task_fewshot, "seed": spec.task_seed,
-                "limit": spec.task_limit, "dataset": spec.dataset}
-    original, _ = load_model(loaded / "model")
-    before = lmeval.run_tasks(original, tokenizer, list(spec.tasks), **settings)
+    original, tokenizer = load_model(loaded / "model")
+    before = lmeval.run_tasks(original, tokenizer, list(spec.tasks), **_task_settings(spec))
     del original
-    after = lmeval.run_tasks(quantized, tokenizer, list(spec.tasks), **settings)
+    release_memory()
+    return before
+
+
+def _lm_eval(spec, before: dict, quantized, tokenizer, failures: list[str]) -> dict:
+    """The same tasks on the calibrated model (quantizers on) with the same settings, against `before`; misses
+    join `failures`."""
+    after = lmeval.run_tasks(quantized, tokenizer, list(spec.tasks), **_task_settings(spec))
     rows, misses = lmeval.task_deltas(before, after, spec.task_thresholds)
     failures += misses
     return {"settings": before["settings"], "rows": rows}
+
+
+def _task_settings(spec) -> dict:
+    return {"batch_size": spec.task_batch_size, "num_fewshot": spec.task_fewshot, "seed": spec.task_seed,
+            "limit": spec.task_limit, "dataset": spec.dataset}

@@ -129,8 +129,8 @@ def check_export(folder: Path, quantized, folded: list[str], model_dir: Path, wi
     """One exported checkpoint against the calibrated model (`quantized`, its activation quantizers off)."""
     import torch
 
-    from pipeline.verify.dequant import dequantized, read_config
     from pipeline.modeling import expert_slices, expert_weight
+    from pipeline.verify.dequant import dequantized, read_config
 
     info = read_config(folder)
     fmt = folder.name

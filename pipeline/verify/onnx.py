@@ -33,8 +33,8 @@ def check_onnx(folder: Path, quantized, folded: list[str], model_dir: Path, wind
     prefill comparison already made in verify's perplexity pass). A graph with TensorRT-only ops (NVFP4's
     dynamic FP4 quantization) cannot run there: its weights are dequantized by hand and compared layer by layer
     instead, and the report says onnxruntime did not run it."""
-    from pipeline.verify.dequant import onnx_fp4_weights
     from pipeline.stages.export import ONNX_FILE
+    from pipeline.verify.dequant import onnx_fp4_weights
 
     decoder, trt_only = opened or open_onnx(folder)
     if trt_only:
