@@ -1,6 +1,6 @@
 """Verify's building blocks on a tiny random-init Llama (no tokenizer, no ModelOpt): batched evaluation equals
-window-by-window evaluation, the reference artifact round-trips, and the one model skeleton swaps export weights in
-and the previous export's back out."""
+window-by-window evaluation, the reference artifact round-trips, the calibrated model holding an export's weights
+computes as a plain model holding them, and dequantized weights read on access equal the eager ones."""
 
 import math
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from pipeline.verify import evaluate
-from pipeline.verify.checkpoint import Skeleton
 from pipeline.verify.reference import Reference
 
 
@@ -54,13 +53,59 @@ def test_the_reference_artifact_round_trips(tmp_path):
     assert back.perplexity == pytest.approx(math.exp(losses.double().mean().item()))
 
 
-def test_the_skeleton_restores_what_the_previous_export_replaced(tiny):
-    skeleton = Skeleton(_load(tiny), tiny)
-    original = {k: v.clone() for k, v in skeleton.model.state_dict().items()}
-    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"
-    first = skeleton.holding({q: torch.zeros_like(original[q]), o: torch.ones_like(original[o])}, {})
-    assert first.state_dict()[q].abs().sum() == 0 and torch.equal(first.state_dict()[o], torch.ones_like(original[o]))
-    second = skeleton.holding({q: torch.full_like(original[q], 2.0)}, {})  # this export has no down_proj
-    assert second is first, "one model, weights swapped"
-    assert torch.equal(second.state_dict()[q], torch.full_like(original[q], 2.0))
-    assert torch.equal(second.state_dict()[o], original[o]), "the first export's down_proj was swapped back out"
+def _fp8(folder, fold: bool = True):
+    """The tiny model under ModelOpt FP8 fake quantization, weights folded, activation quantizers off: verify's
+    weight-only view of a calibrated model."""
+    from pipeline.quant import fold_weight_quantization, modelopt
+
+    mtq, _ = modelopt()
+    model = _load(folder)
+    calibration = torch.randint(0, 96, (2, 16))
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, lambda m: m(calibration))
+    if not fold:
+        return model
+    fold_weight_quantization(model)
+    for pattern in ("*input_quantizer", "*output_quantizer", "*_bmm_quantizer"):
+        mtq.disable_quantizer(model, pattern)
+    return model
+
+
+def test_the_calibrated_model_holding_export_weights_computes_as_a_plain_model_holding_them(tiny):
+    """verify's parity runs the calibrated model as a plain one holding an export's weights (no second model):
+    the logits are those of a separately loaded plain model with the same weights, and afterwards the calibrated
+    model is exactly as before."""
+    from pipeline.verify.checkpoint import held_logits
+
+    quantized = _fp8(tiny)
+    batch = torch.randint(0, 96, (3, 16))
+    with torch.no_grad():
+        before = quantized(batch).logits
+    parameters = {name: p.detach().clone() for name, p in quantized.named_parameters()}
+    torch.manual_seed(1)
+    plain = _load(tiny)
+    exported = {name: t + 0.01 * torch.randn_like(t) for name, t in plain.state_dict().items()}
+    exported["model.layers.1.mlp.down_proj.weight"] = torch.zeros_like(exported["model.layers.1.mlp.down_proj.weight"])
+    plain.load_state_dict(exported)
+    with torch.no_grad():
+        expected = plain(batch).logits
+    del plain
+    got = held_logits(quantized, exported, {})(batch)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(quantized(batch).logits, before), "every tensor and quantizer swapped back"
+    assert all(torch.equal(p, parameters[name]) for name, p in quantized.named_parameters())
+    assert not any("forward" in vars(m) for m in quantized.modules()), "quantizers' own forward restored"
+
+
+def test_dequantized_weights_are_read_on_access_and_equal_the_eager_ones(tmp_path, tiny):
+    """The lazy mapping verify uses gives the same tensors as effective_weights (each on every access)."""
+    from pipeline.quant import export_unified
+    from pipeline.verify.dequant import dequantized, effective_weights
+
+    quantized = _fp8(tiny, fold=False)
+    shapes = {n: tuple(m.weight.shape) for n, m in quantized.named_modules() if isinstance(m, torch.nn.Linear)}
+    export_unified(quantized, torch.float16, tmp_path / "hf", "1GB")
+    eager, problems = effective_weights(tmp_path / "hf", shapes)
+    lazy, lazy_problems = dequantized(tmp_path / "hf", shapes)
+    assert problems == lazy_problems == [] and set(lazy) == set(eager)
+    assert all(torch.equal(lazy[name], eager[name]) for name in eager)

@@ -6,6 +6,7 @@ store like any other result."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from pipeline import contracts, data, formats, lmeval
@@ -18,6 +19,8 @@ from pipeline.store import ArtifactStore
 from pipeline.verify import metrics
 
 log = logging.getLogger(__name__)
+
+STEPS_FILE = "steps.json"  # each sub-step's seconds and resident memory (before, peak, after)
 
 
 class VerifyFacts(Facts):
@@ -52,8 +55,9 @@ class Verify(Stage):
     name = "verify"
     # 4: lm-eval tasks; 5: the HF checkpoint is checked against the serving engines' loader contracts; 6: metrics by
     # name, the unquantized model's results from the reference stage, batched windows; 7: the per-layer formats of
-    # format auto in the report
-    version = "7"
+    # format auto in the report; 8: one model resident (parity on the calibrated model run as a plain one),
+    # steps.json
+    version = "8"
     inputs = ("load", "reference", *MODEL_STATE, "export", "build")  # build only when the recipe has a backend
     fields = ("verify",)
     libraries = ("torch", "transformers", "nvidia-modelopt", "safetensors", "lm-eval")
@@ -83,52 +87,20 @@ class Verify(Stage):
         return "verification failed: " + "; ".join(facts.failures)
 
     def run(self, ctx: StageContext) -> VerifyFacts:
-        from pipeline.modeling import load_model
-        from pipeline.quant import fold_weight_quantization, modelopt
-        from pipeline.verify import checkpoint, evaluate, report
-        from pipeline.verify.engine import check_engine
-        from pipeline.verify.onnx import check_onnx
+        from pipeline.verify import evaluate, report
         from pipeline.verify.reference import Reference
+        from pipeline.verify.steps import Steps
 
         recipe, spec, limits = ctx.recipe, ctx.recipe.verify, ctx.params["thresholds"]
-        loaded, exported = ctx.input("load"), ctx.input("export")
+        exported = ctx.input("export")
         unquantized = Reference.read(ctx.input("reference").path)
-        quantized, tokenizer = load_model(loaded / "model")
-        replay(quantized, ctx.inputs)
-        folded = fold_weight_quantization(quantized)
-        windows = evaluate.eval_windows(tokenizer, data.load_documents(spec.dataset), spec.tokens, spec.seq_len)
-        tolerance = formats.get(recipe.quantization.format).layer_tolerance
-        on = evaluate.describe_windows(windows)
-
-        scored = evaluate.score(evaluate.model_logits(quantized), evaluate.tracked(
-            ctx.track, evaluate.batches(windows), f"perplexity, quantized: {on}"))
-        prompts = [evaluate.prompt_ids(tokenizer, p) for p in spec.prompts]
-        asked = f"{len(prompts)} prompts x {spec.max_new_tokens} new tokens"
-        texts_quantized = evaluate.generate(quantized, tokenizer, evaluate.tracked(
-            ctx.track, prompts, f"greedy generation, quantized: {asked}"), spec.max_new_tokens)
-        agree = evaluate.agreement(quantized, evaluate.tracked(
-            ctx.track, prompts, f"teacher-forced agreement: {asked}"), unquantized.generations)
-
-        # The ONNX decoder and the engine built from it quantize activations too: compare them with the fully
-        # quantized model, on the same windows as its perplexity.
-        exports, failures = {}, []
-        if "onnx" in exported.facts.formats:
-            exports["onnx"] = check_onnx(exported.path / "onnx", quantized, folded, loaded / "model", windows,
-                                         limits, tolerance, ctx.track)
-        engine_status, engine_run = check_engine(ctx.inputs.get("build"), recipe, quantized, windows, limits,
-                                                 ctx.track)
-        lm_eval = _lm_eval(spec, loaded, quantized, tokenizer, failures) if spec.tasks else None
-        # Parity: weight-only view of the calibrated model (activation and KV quantizers off, pre-quant scales kept)
-        # against one plain model holding each export's dequantized weights in turn.
-        mtq, _ = modelopt()
-        for pattern in ("*input_quantizer", "*output_quantizer", "*_bmm_quantizer"):
-            mtq.disable_quantizer(quantized, pattern)
-        checkpoints = [fmt for fmt in exported.facts.formats if fmt != "onnx"]
-        skeleton = checkpoint.Skeleton(load_model(loaded / "model")[0], loaded / "model") if checkpoints else None
-        for fmt in checkpoints:
-            exports[fmt] = checkpoint.check_export(exported.path / fmt, quantized, folded, skeleton, windows, recipe,
-                                                   ctx.track)
-        del skeleton, quantized  # the report needs no model
+        steps = Steps(ctx.report)
+        try:
+            exports, failures, scored, agree, texts_quantized, engine_status, engine_run, lm_eval, tokenizer, \
+                windows, tolerance = self._checks(ctx, steps, unquantized)
+        finally:
+            steps.close()
+            (ctx.out / STEPS_FILE).write_text(json.dumps(steps.rows, indent=2))
         for fmt, result in exports.items():
             failures += [f"{fmt}: {p}" for p in result["problems"]]
             failures += [f"{fmt}: {layer['layer']} dequantizes {layer['error']:.2f} away from the calibrated layer "
@@ -164,19 +136,109 @@ class Verify(Stage):
         report.write(ctx.out, result, {fmt: r["layers"] for fmt, r in exports.items()})
         return VerifyFacts.model_validate(result)
 
+    def _checks(self, ctx: StageContext, steps, unquantized):
+        """Every check, one model resident at a time (the calibrated one; parity runs it as a plain model holding
+        each export's weights), each sub-step timed and its memory sampled (steps.json)."""
+        from pipeline.modeling import load_model
+        from pipeline.quant import modelopt
+        from pipeline.verify import checkpoint, evaluate
+        from pipeline.verify.engine import check_engine
+        from pipeline.verify.onnx import check_onnx, fused, open_onnx
+        from pipeline.verify.steps import layer_progress
 
-def _lm_eval(spec, loaded, quantized, tokenizer, failures: list[str]) -> dict:
-    """The recipe's lm-eval tasks on both models (quantizers on) with the same settings; misses join `failures`.
-    The one check that still runs the unquantized model: the harness drives each model itself, so its results
-    depend on the task settings and are not in the reference artifact."""
+        recipe, spec, limits = ctx.recipe, ctx.recipe.verify, ctx.params["thresholds"]
+        loaded, exported = ctx.input("load"), ctx.input("export")
+
+        def progress(model, forwards: int, description: str):
+            return layer_progress(ctx, model, forwards, description)
+
+        tasks_before = None
+        if spec.tasks:
+            with steps.step("lm-eval tasks, unquantized"):
+                tasks_before = _lm_eval_unquantized(spec, loaded)
+        with steps.step("load the calibrated model"):
+            quantized, tokenizer = load_model(loaded / "model")
+            replay(quantized, ctx.inputs)
+            folded = checkpoint.fold_in_place(quantized)
+            windows = evaluate.eval_windows(tokenizer, data.load_documents(spec.dataset), spec.tokens, spec.seq_len)
+        tolerance = formats.get(recipe.quantization.format).layer_tolerance
+        on = evaluate.describe_windows(windows)
+
+        # The ONNX decoder and the engine built from it quantize activations too: compare them with the fully
+        # quantized model, on the same windows as its perplexity. onnxruntime's prefills run in the perplexity
+        # pass, so the calibrated model's logits on the windows are computed once.
+        logits_of, onnx_run, comparison = evaluate.model_logits(quantized), None, None
+        if "onnx" in exported.facts.formats:
+            with steps.step("onnx: open in onnxruntime"):
+                onnx_run = open_onnx(exported.path / "onnx")
+            if onnx_run[0] is not None:
+                logits_of, comparison = fused(onnx_run[0], quantized.config, logits_of)
+        with steps.step("perplexity, quantized" + (" (and onnxruntime's prefills)" if comparison else "")):
+            batches = evaluate.batches(windows)
+            described = f"perplexity, quantized{' and onnxruntime' if comparison else ''}: {on}"
+            with progress(quantized, len(batches), described):
+                scored = evaluate.score(logits_of, evaluate.tracked(ctx.track, batches, described))
+        with steps.step("generation and agreement, quantized"):
+            prompts = [evaluate.prompt_ids(tokenizer, p) for p in spec.prompts]
+            asked = f"{len(prompts)} prompts x {spec.max_new_tokens} new tokens"
+            texts_quantized = evaluate.generate(quantized, tokenizer, evaluate.tracked(
+                ctx.track, prompts, f"greedy generation, quantized: {asked}"), spec.max_new_tokens)
+            agree = evaluate.agreement(quantized, evaluate.tracked(
+                ctx.track, prompts, f"teacher-forced agreement: {asked}"), unquantized.generations)
+
+        exports, failures = {}, []
+        if onnx_run:
+            with steps.step("onnx: KV cache and decode speed in onnxruntime, or FP4 weights"):
+                exports["onnx"] = check_onnx(exported.path / "onnx", quantized, folded, loaded / "model", windows,
+                                             limits, tolerance, ctx.track, onnx_run,
+                                             comparison.result() if comparison else None)
+            del onnx_run, logits_of, comparison  # the onnxruntime session
+        with steps.step("engine"):
+            engine_status, engine_run = check_engine(ctx.inputs.get("build"), recipe, quantized, windows, limits,
+                                                     ctx.track)
+        if spec.tasks:
+            with steps.step("lm-eval tasks, quantized"):
+                lm_eval = _lm_eval(spec, tasks_before, quantized, tokenizer, failures)
+        else:
+            lm_eval = None
+        # Parity: weight-only view of the calibrated model (activation and KV quantizers off, pre-quant scales kept)
+        # against the same model run as a plain one holding each export's dequantized weights in turn.
+        mtq, _ = modelopt()
+        for pattern in ("*input_quantizer", "*output_quantizer", "*_bmm_quantizer"):
+            mtq.disable_quantizer(quantized, pattern)
+        for fmt in (fmt for fmt in exported.facts.formats if fmt != "onnx"):
+            with steps.step(f"{fmt}: dequantized export vs calibrated"):
+                exports[fmt] = checkpoint.check_export(exported.path / fmt, quantized, folded, loaded / "model",
+                                                       windows, recipe, ctx.track, progress)
+        del quantized  # the report needs no model
+        return (exports, failures, scored, agree, texts_quantized, engine_status, engine_run, lm_eval, tokenizer,
+                windows, tolerance)
+
+
+def _lm_eval_unquantized(spec, loaded):
+    """The recipe's lm-eval tasks on the unquantized model, run before the calibrated model is loaded and freed
+    after, so the two are never resident together. The one check that still runs the unquantized model: the
+    harness drives each model itself, so its results depend on the task settings and are not in the reference
+    artifact."""
+    from pipeline.host import release_memory
     from pipeline.modeling import load_model
 
-    settings = {"batch_size": spec.task_batch_size, "num_fewshot": spec.task_fewshot, "seed": spec.task_seed,
-                "limit": spec.task_limit, "dataset": spec.dataset}
-    original, _ = load_model(loaded / "model")
-    before = lmeval.run_tasks(original, tokenizer, list(spec.tasks), **settings)
+    original, tokenizer = load_model(loaded / "model")
+    before = lmeval.run_tasks(original, tokenizer, list(spec.tasks), **_task_settings(spec))
     del original
-    after = lmeval.run_tasks(quantized, tokenizer, list(spec.tasks), **settings)
+    release_memory()
+    return before
+
+
+def _lm_eval(spec, before: dict, quantized, tokenizer, failures: list[str]) -> dict:
+    """The same tasks on the calibrated model (quantizers on) with the same settings, against `before`; misses
+    join `failures`."""
+    after = lmeval.run_tasks(quantized, tokenizer, list(spec.tasks), **_task_settings(spec))
     rows, misses = lmeval.task_deltas(before, after, spec.task_thresholds)
     failures += misses
     return {"settings": before["settings"], "rows": rows}
+
+
+def _task_settings(spec) -> dict:
+    return {"batch_size": spec.task_batch_size, "num_fewshot": spec.task_fewshot, "seed": spec.task_seed,
+            "limit": spec.task_limit, "dataset": spec.dataset}

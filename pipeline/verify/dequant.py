@@ -1,12 +1,15 @@
 """Read exported checkpoints and dequantize them by hand, because plain transformers loads them wrong.
 
-Both layouts (unified HF and TensorRT-LLM) become one dictionary of Hugging Face names -> effective float weights
-(pre-quant scales folded in), which verify loads into a plain model and compares with the calibrated one.
+Both layouts (unified HF and TensorRT-LLM) become one mapping of Hugging Face names -> effective float weights
+(pre-quant scales folded in, dequantized on access), which verify swaps into the calibrated model run as a plain one
+and compares with it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +68,33 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class EffectiveWeights(Mapping):
+    """HF name -> effective float weight of a checkpoint, dequantized when asked for and not kept: only the
+    checkpoint's own (compact) tensors stay in memory, never a float copy of the whole model."""
+
+    def __init__(self, makers: dict[str, Callable[[], torch.Tensor]]) -> None:
+        self._makers = makers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._makers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+
 def effective_weights(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """HF-named float weights of a checkpoint (quantized ones dequantized, pre-quant scales folded in), and the
     structure problems found on the way. `shapes` maps each HF linear name to its original (out, in)."""
+    weights, problems = dequantized(folder, shapes)
+    return dict(weights.items()), problems
+
+
+def dequantized(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple[EffectiveWeights, list[str]]:
+    """effective_weights, dequantized on access (each weight's shape is checked here on the meta device, where
+    dequantizing computes nothing, or by dequantizing it once where a codec cannot run there)."""
     info = read_config(folder)
     tensors = _tensors(folder)
     layer_algos = info["layer_algos"]
@@ -81,7 +108,7 @@ def effective_weights(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple
     known = formats.by_quant_algo(algo) is not None or (
         algo == MIXED and all(formats.by_quant_algo(a) for a in layer_algos.values()))
     problems: list[str] = [] if known else [f"unknown quant_algo {algo!r}"]
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Callable[[], torch.Tensor]] = {}
     for name, tensor in tensors.items():
         module = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and f"{module}.{layout.weight_scale}" in tensors:
@@ -96,21 +123,35 @@ def effective_weights(folder: Path, shapes: dict[str, tuple[int, int]]) -> tuple
             if missing:
                 problems.append(f"{module}: missing {', '.join(getattr(layout, c) for c in missing)}")
                 continue
-            weight = codec.dequantize(tensor, tensors[f"{module}.{layout.weight_scale}"],
-                                      tensors.get(f"{module}.{layout.weight_scale_2}"), shapes[module][1])
-            if tuple(weight.shape) != tuple(shapes[module]):
-                problems.append(f"{name}: dequantizes to {tuple(weight.shape)}, model has {tuple(shapes[module])}")
+            make = functools.partial(_dequantize, codec, tensor, tensors[f"{module}.{layout.weight_scale}"],
+                                     tensors.get(f"{module}.{layout.weight_scale_2}"), shapes[module][1],
+                                     tensors.get(f"{module}.{layout.pre_quant_scale}"))
+            shape = _dequantized_shape(make)
+            if shape != tuple(shapes[module]):
+                problems.append(f"{name}: dequantizes to {shape}, model has {tuple(shapes[module])}")
                 continue
-            pqs = tensors.get(f"{module}.{layout.pre_quant_scale}")
-            out[name] = weight * pqs.float().reshape(1, -1) if pqs is not None else weight
+            out[name] = make
         elif not any(name.endswith(f".{getattr(layout, f)}") for f in layout.__dataclass_fields__):
-            out[name] = tensor.float()
+            out[name] = tensor.float
     if "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied embeddings are stored once
     for module in shapes:
         if f"{module}.weight" not in out:
             problems.append(f"{module}.weight: not in the checkpoint")
-    return out, problems
+    return EffectiveWeights(out), problems
+
+
+def _dequantized_shape(make: functools.partial) -> tuple[int, ...]:
+    try:
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in make.args]
+        return tuple(make.func(*meta).shape)
+    except (NotImplementedError, RuntimeError, TypeError, ValueError, IndexError):
+        return tuple(make().shape)
+
+
+def _dequantize(codec: WeightCodec, tensor, scale, scale_2, in_features: int, pre_quant_scale) -> torch.Tensor:
+    weight = codec.dequantize(tensor, scale, scale_2, in_features)
+    return weight * pre_quant_scale.float().reshape(1, -1) if pre_quant_scale is not None else weight
 
 
 # TensorRT-LLM decoder names -> Hugging Face Llama names (per layer); qkv is split by head counts.

@@ -112,24 +112,41 @@ def agreement(model, prompts: Iterable[torch.Tensor], reference: list[list[int]]
     return matches / total if total else 1.0
 
 
+class Comparison:
+    """Logits of an export or a runtime against the reference model's, accumulated batch by batch (all logits at
+    once would take gigabytes) and window by window within a batch (a batch's temporaries would take several
+    times its logits): top-1 agreement, logit cosine, largest difference, and the perplexity of the compared
+    logits on those windows."""
+
+    def __init__(self) -> None:
+        self.dot = self.norm_ours = self.norm_reference = 0.0
+        self.largest, self.matches, self.tokens, self.losses = 0.0, 0, 0, []
+
+    @torch.no_grad()
+    def add(self, ours: torch.Tensor, theirs: torch.Tensor, batch: torch.Tensor) -> None:
+        """[b, len, vocab] logits of both on a [b, len] batch."""
+        for mine, reference, window in zip(ours, theirs, batch):
+            self.dot += (mine * reference).sum(dtype=torch.float64).item()
+            self.norm_ours += mine.square().sum(dtype=torch.float64).item()
+            self.norm_reference += reference.square().sum(dtype=torch.float64).item()
+            self.largest = max(self.largest, (mine - reference).abs().max().item())
+            self.matches += int((mine.argmax(-1) == reference.argmax(-1)).sum())
+            self.tokens += window.numel()
+            self.losses.append(token_losses(mine[None], window[None]))
+
+    def result(self) -> dict:
+        return {"agreement": round(self.matches / self.tokens, 4), "max_abs_error": round(self.largest, 5),
+                "cosine": round(self.dot / math.sqrt(self.norm_ours * self.norm_reference), 6),
+                "ppl": round(perplexity_of(torch.cat(self.losses)), 4)}
+
+
 @torch.no_grad()
 def compare_on_windows(logits_of: Callable[[torch.Tensor], torch.Tensor], reference,
                        batches_: Iterable[torch.Tensor]) -> dict:
     """Logits from `logits_of(batch)` ([b, len, vocab]: an export, a runtime) against the `reference` model on every
-    batch of windows: top-1 agreement, logit cosine and largest difference over all windows' logits, and the
-    perplexity of `logits_of` on those windows (accumulated batch by batch: all logits at once would take
-    gigabytes)."""
-    dot = norm_ours = norm_reference = 0.0
-    largest, matches, tokens, losses = 0.0, 0, 0, []
+    batch of windows (see Comparison)."""
+    comparison = Comparison()
     for batch in batches_:
-        ours, theirs = logits_of(batch).float(), reference(batch).logits.float()
-        dot += (ours * theirs).sum(dtype=torch.float64).item()
-        norm_ours += ours.square().sum(dtype=torch.float64).item()
-        norm_reference += theirs.square().sum(dtype=torch.float64).item()
-        largest = max(largest, (ours - theirs).abs().max().item())
-        matches += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        tokens += batch.numel()
-        losses.append(token_losses(ours, batch))
-    return {"agreement": round(matches / tokens, 4), "max_abs_error": round(largest, 5),
-            "cosine": round(dot / math.sqrt(norm_ours * norm_reference), 6),
-            "ppl": round(perplexity_of(torch.cat(losses)), 4)}
+        ours = logits_of(batch).float()
+        comparison.add(ours, reference(batch).logits.float(), batch)
+    return comparison.result()
