@@ -66,3 +66,12 @@ def test_a_config_without_architectures_is_one_line_naming_the_fix(sharded_bf16,
     with pytest.raises(BadInput, match=r'no "architectures".*add "architectures": \["LlamaForCausalLM"\]') as error:
         runner.run(_recipe(model), ArtifactStore(tmp_path / "store"), until="quantize")
     assert "\n" not in str(error.value)
+
+
+def test_a_trtllm_export_of_a_model_that_spills_stops_with_exit_4_before_loading(sharded_bf16, tmp_path):  # noqa: F811
+    from pipeline.errors import HostLacks
+
+    weights = json.loads((sharded_bf16 / INDEX_FILE).read_text())["metadata"]["total_size"]
+    recipe = _recipe(sharded_bf16, "export.formats=[trtllm]", f"model.max_memory={{cpu: {weights // 3}}}")
+    with pytest.raises(HostLacks, match="export format trtllm needs the whole model in CPU memory"):
+        runner.run(recipe, ArtifactStore(tmp_path / "store"), until="export")
