@@ -234,7 +234,7 @@ def _canonical(value):
 def weight_digests(model) -> dict[str, bytes]:
     """A digest of every tensor before calibration: save_calibration then finds what calibration changed without
     reading the original weights a second time (that read doubled the stage's peak memory)."""
-    return {name: _digest(tensor) for name, tensor in state_dict(model).items()}
+    return {name: _digest(tensor) for name, tensor in state_dict(model)}
 
 
 def _digest(tensor) -> bytes:
@@ -263,12 +263,13 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
             return fh.get_tensor(name)
 
     changed, rescaled = {}, []
-    state = state_dict(model)
-    # A tied weight (lm_head sharing the embedding) is saved once under the other name.
-    stored_storage = {state[n].data_ptr() for n in files if n in state}
-    for name, placed in state.items():
-        tied = placed.data_ptr() in stored_storage
-        tensor = placed.detach().cpu()  # a GPU calibration's tensors are compared and saved on the CPU
+    # A tied weight (lm_head sharing the embedding) is one Parameter under two names: saved once, under the name
+    # the weight files have.
+    owners: dict[int, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owners.setdefault(id(tensor), set()).add(name)
+    stored = {n for names in owners.values() if names & files.keys() for n in names}
+    for name, tensor in state_dict(model):  # one at a time, on the CPU (offloaded weights read as reached)
         if name in files:
             if before.get(name) == _digest(tensor):
                 continue
@@ -281,7 +282,7 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
                 rescaled.append(name)
                 continue
             changed[name] = tensor.contiguous()  # a parameter of its own: saved as is, not copied
-        elif not tied:
+        elif name not in stored:
             changed[name] = tensor.clone().contiguous()
     save_file(changed, out / TENSORS_FILE)
     (out / RESCALED_FILE).write_text(json.dumps(rescaled))
