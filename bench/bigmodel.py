@@ -108,7 +108,7 @@ def main() -> None:
             rows.append((fmt, stage, ended["status"], round(seconds, 1), rss))
             print(rows[-1], flush=True)
             if stage == "quantize":
-                checks[fmt] = parity(Path(ended["artifact"]) / "checkpoint", model, fmt)
+                checks[fmt] = parity(options.root / "cache" / stage / ended["key"] / "checkpoint", model, fmt)
                 print(fmt, checks[fmt], flush=True)
     lines = [f"## A model larger than memory: 13B-parameter Llama, bf16 ({time.strftime('%Y-%m-%d')})", "",
              f"`python bench/bigmodel.py {' '.join(sys.argv[1:])}` (settings: {', '.join(options.overrides)}) on "
