@@ -42,7 +42,6 @@ SETTINGS = ("model.max_memory={cpu: 4GiB}", "calibration.samples=4", "calibratio
 def parity(checkpoint: Path, model: Path, fmt: str, sample: int = 3) -> dict:
     """Structure (every quantized linear has weight + scale, the index covers every shard) and parity (a sample of
     quantized weights dequantized against the original bf16 ones, one tensor at a time)."""
-    import torch
     from safetensors import safe_open
 
     from pipeline import formats
