@@ -63,14 +63,15 @@ def _random(name: str, shape, generator):
     return (torch.randn(shape, generator=generator, dtype=torch.bfloat16) * 0.02)
 
 
-def write_model(folder: Path, layers: int, vocab: int) -> int:
+def write_model(folder: Path, layers: int, vocab: int, model_type: str = "qwen2", widths: dict = WIDTHS,
+                architecture: str = "Qwen2ForCausalLM") -> int:
     """Random bf16 weights, shard by shard, with model.safetensors.index.json; returns the parameter count."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("qwen2", vocab_size=vocab, num_hidden_layers=layers, dtype="bfloat16", **WIDTHS)
-    config.architectures = ["Qwen2ForCausalLM"]  # as a saved model has it: ModelOpt's exporter reads it
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, num_hidden_layers=layers, dtype="bfloat16", **widths)
+    config.architectures = [architecture]  # as a saved model has it: ModelOpt's exporter reads it
     config.save_pretrained(folder)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).state_dict().items()}

@@ -41,14 +41,23 @@ def load_model(folder: Path, *, dtype: str = "auto", device_map: dict | None = N
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def state_dict(model) -> dict:
-    """model.state_dict() on the CPU: weights accelerate placed on a GPU or offloaded to disk (meta tensors in the
-    model) are read back, one module at a time."""
-    if {str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()} <= {"cpu"}:
-        return model.state_dict()
-    from accelerate.utils.modeling import get_state_dict_offloaded_model
+def state_dict(model):
+    """(name, tensor on the CPU) for every entry of model.state_dict(), one at a time: weights accelerate placed on
+    a GPU are copied back, offloaded (meta) ones are read from accelerate's weights map as they are reached, so the
+    model is never materialised whole (accelerate's get_state_dict_offloaded_model would hold it all)."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
 
-    return get_state_dict_offloaded_model(model)
+    weights = None
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+            if isinstance(h, AlignDevicesHook) and h.offload and h.weights_map is not None:
+                weights = getattr(h.weights_map, "dataset", h.weights_map)  # every hook shares accelerate's loader
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_meta and weights is not None and name in weights:
+            yield name, weights[name]
+        else:
+            yield name, tensor.detach().cpu()
 
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -111,9 +111,11 @@ def _device_name(device: str | int) -> str:
     return f"cuda:{device}" if isinstance(device, int) else str(device)
 
 
-def plan(folder: Path, spec, dtype: str = "auto") -> Placement:
+def plan(folder: Path, spec, dtype: str = "auto", resident_input: bool = False) -> Placement:
     """The device map for the model in `folder` loaded in `dtype` (auto: its stored dtype, as load_model loads it),
-    from an empty model: no weight is read."""
+    from an empty model: no weight is read. `resident_input` keeps the input embedding in memory even when the
+    budget is smaller (ModelOpt's export runs a forward on inputs placed on `model.device`, the device of the first
+    parameter: meta when it is offloaded)."""
     import accelerate
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -132,11 +134,38 @@ def plan(folder: Path, spec, dtype: str = "auto") -> Placement:
     logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
     device_map = accelerate.infer_auto_device_map(empty, max_memory=max_memory, dtype=dtype,
                                                   no_split_module_classes=empty._no_split_modules)
+    if resident_input:
+        first = next(name for name, _ in empty.named_parameters()).rpartition(".")[0]
+        _pin(device_map, empty, first, "cpu" if kind == "cpu" else 0)
     blocks = [name for name, module in empty.named_modules() if module.__class__.__name__ in
               (empty._no_split_modules or ())]
     layers = Counter(_device_name(_placed(device_map, block)) for block in blocks)
     ordered = {d: layers[d] for d in sorted(layers, key=lambda d: (not d.startswith("cuda"), d == "disk", d))}
     return Placement(device_map, ordered, kind)
+
+
+def _pin(device_map: dict, model, module: str, device: str | int) -> None:
+    """Put `module` on `device` if the map sends it to disk, splitting the entry that covers it into its parts."""
+    owner = module
+    while owner not in device_map:
+        owner = owner.rpartition(".")[0]
+    where = device_map.pop(owner)
+    if where != "disk":
+        device_map[owner] = where
+        return
+    name = owner
+    while name != module:
+        parent = model.get_submodule(name)
+        prefix = f"{name}." if name else ""
+        for own, _ in [*parent.named_parameters(recurse=False), *parent.named_buffers(recurse=False)]:
+            device_map[prefix + own] = "disk"
+        for child, _ in parent.named_children():
+            full = prefix + child
+            if module == full or module.startswith(full + "."):
+                name = full
+            else:
+                device_map[full] = "disk"
+    device_map[module] = device
 
 
 def _placed(device_map: dict, module: str) -> str | int:

@@ -234,7 +234,7 @@ def _canonical(value):
 def weight_digests(model) -> dict[str, bytes]:
     """A digest of every tensor before calibration: save_calibration then finds what calibration changed without
     reading the original weights a second time (that read doubled the stage's peak memory)."""
-    return {name: _digest(tensor) for name, tensor in state_dict(model).items()}
+    return {name: _digest(tensor) for name, tensor in state_dict(model)}
 
 
 def _digest(tensor) -> bytes:
@@ -263,12 +263,13 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
             return fh.get_tensor(name)
 
     changed, rescaled = {}, []
-    state = state_dict(model)
-    # A tied weight (lm_head sharing the embedding) is saved once under the other name.
-    stored_storage = {state[n].data_ptr() for n in files if n in state}
-    for name, placed in state.items():
-        tied = placed.data_ptr() in stored_storage
-        tensor = placed.detach().cpu()  # a GPU calibration's tensors are compared and saved on the CPU
+    # A tied weight (lm_head sharing the embedding) is one Parameter under two names: saved once, under the name
+    # the weight files have.
+    owners: dict[int, set[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owners.setdefault(id(tensor), set()).add(name)
+    stored = {n for names in owners.values() if names & files.keys() for n in names}
+    for name, tensor in state_dict(model):  # one at a time, on the CPU (offloaded weights read as reached)
         if name in files:
             if before.get(name) == _digest(tensor):
                 continue
@@ -281,7 +282,7 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
                 rescaled.append(name)
                 continue
             changed[name] = tensor.contiguous()  # a parameter of its own: saved as is, not copied
-        elif not tied:
+        elif name not in stored:
             changed[name] = tensor.clone().contiguous()
     save_file(changed, out / TENSORS_FILE)
     (out / RESCALED_FILE).write_text(json.dumps(rescaled))
@@ -291,27 +292,162 @@ def save_calibration(model, model_dir, out, before: dict[str, bytes]) -> dict:
 
 
 def restore_calibration(model, folder) -> None:
-    """Put a calibration artifact back onto a freshly loaded model, bit-identical to the calibrated one."""
+    """Put a calibration artifact back onto a freshly loaded model, bit-identical to the calibrated one. On a model
+    with weights offloaded by accelerate (meta tensors), the changed and rescaled weights are replayed when each
+    offloaded weight is read (`OffloadedReplay`), never materialised all at once."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     _, mto = modelopt()
     state = pickle.loads((folder / STATE_FILE).read_bytes())  # our own artifact, sha256-checked by the store
     with library_prints():
         mto.restore_from_modelopt_state(model, state)
-    result = model.load_state_dict(load_file(folder / TENSORS_FILE), strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"calibration state does not fit this model: {result.unexpected_keys[:3]}")
+    replay = OffloadedReplay.of(model)
+    if replay is None:
+        result = model.load_state_dict(load_file(folder / TENSORS_FILE), strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"calibration state does not fit this model: {result.unexpected_keys[:3]}")
+    else:
+        with safe_open(folder / TENSORS_FILE, "pt") as fh:
+            names = list(fh.keys())
+        replay.put(model, {name: (folder / TENSORS_FILE, name) for name in names})
     if computes_on_cpu(model):  # a calibration made on a GPU names ModelOpt's CUDA-only quantizers
         _use_cpu_quantizer_modules(model)
     with torch.no_grad():
         for name in json.loads((folder / RESCALED_FILE).read_text()):
             module = model.get_submodule(name.rsplit(".", 1)[0])
-            module.weight.copy_(_smoothed(module.weight, module))
+            if module.weight.is_meta:
+                replay.rescale(name, module.input_quantizer._pre_quant_scale)
+            else:
+                module.weight.copy_(_smoothed(module.weight, module))
+
+
+class OffloadedReplay:
+    """The weights of an accelerate-offloaded model as upstream stages left them, computed when a weight is read.
+
+    accelerate reads an offloaded (meta) weight from its hooks' weights map each time a module runs (for disk
+    offload: straight from the model's own safetensors). Writing a changed weight back would keep it in CPU memory
+    (accelerate cannot write disk offload back), so the whole model would end up resident for AWQ. Instead this
+    wraps the map: each read applies, in order, the replacement stored by calibration or fine-tuning (read from its
+    file then), the AWQ/SmoothQuant rescaling from the calibrated pre-quant scale, the cast to the export dtype and
+    the export's resmoothing, exactly as the resident path applies them to the resident weight."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader  # accelerate's OffloadedWeightsLoader: its state_dict and index stay readable below
+        self.replaced: dict[str, tuple] = {}  # name -> (file, tensor name)
+        self.scales: dict[str, object] = {}  # name -> pre-quant scale to divide input columns by
+        self.after_cast: dict[str, list] = {}  # name -> functions applied after the cast (export resmoothing)
+        self.dtype = None
+
+    @classmethod
+    def of(cls, model) -> OffloadedReplay | None:
+        """The model's replay (installed on every offload hook on first use), or None when nothing is offloaded."""
+        from accelerate.utils.offload import PrefixedDataset
+
+        hooks = [h for h in _offload_hooks(model) if isinstance(h.weights_map, PrefixedDataset)]
+        if not hooks:
+            return None
+        existing = next((h.weights_map.dataset for h in hooks if isinstance(h.weights_map.dataset, cls)), None)
+        replay = existing or cls(hooks[0].weights_map.dataset)
+        for hook in hooks:
+            hook.weights_map.dataset = replay
+        return replay
+
+    @property
+    def state_dict(self):  # ModelOpt's writeback and accelerate look these up on the loader
+        return self.loader.state_dict
+
+    @property
+    def index(self):
+        return self.loader.index
+
+    def keys(self):
+        return self.loader.keys()
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __contains__(self, key) -> bool:
+        return key in self.loader
+
+    def __getitem__(self, key: str):
+        import torch
+        from safetensors import safe_open
+
+        if key in self.replaced:
+            file, name = self.replaced[key]
+            with safe_open(file, "pt") as fh:
+                tensor = fh.get_tensor(name)
+        else:
+            tensor = self.loader[key]
+        if key in self.scales:
+            inverse = 1.0 / self.scales[key].to(tensor.device, torch.float32)  # as _smoothed does
+            tensor = (tensor * inverse.squeeze()[None, :]).to(tensor.dtype)
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        for step in self.after_cast.get(key, ()):
+            tensor = step(tensor)
+        return tensor
+
+    def put(self, model, tensors: dict[str, tuple]) -> None:
+        """Load (file, name) tensors into the model: offloaded weights replayed on read, everything else (quantizer
+        state, weights that stayed in memory) now, onto the device its module computes on."""
+        from accelerate.utils import set_module_tensor_to_device
+        from safetensors import safe_open
+
+        state = model.state_dict(keep_vars=True)
+        unknown = [name for name in tensors if name not in state]
+        if unknown:
+            raise RuntimeError(f"state does not fit this model: {unknown[:3]}")
+        for name, (file, key) in tensors.items():
+            if state[name].is_meta and name in self.loader:
+                self.replaced[name] = (file, key)
+                continue
+            with safe_open(file, "pt") as fh:
+                value = fh.get_tensor(key)
+            device = "cpu" if state[name].is_meta else state[name].device
+            set_module_tensor_to_device(model, name, device, value=value)
+
+    def rescale(self, name: str, pre_quant_scale) -> None:
+        self.scales[name] = pre_quant_scale.detach().clone()
+
+
+def _offload_hooks(model) -> list:
+    """accelerate's offloading hooks (those holding a weights map) of every module of `model`."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    found = []
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+            if isinstance(h, AlignDevicesHook) and h.offload and h.weights_map is not None:
+                found.append(h)
+    return found
+
+
+def is_offloaded(model) -> bool:
+    return bool(_offload_hooks(model))
+
+
+@contextlib.contextmanager
+def weights_of(module, model) -> Iterator[None]:
+    """`module`'s weights readable for the duration (an offloaded module's are read in, then dropped again)."""
+    from modelopt.torch.quantization.utils.core_utils import enable_weight_access_and_writeback
+
+    if not any(p.is_meta for p in module.parameters()):
+        yield
+        return
+    with enable_weight_access_and_writeback(module, model, writeback=False):
+        yield
 
 
 def layer_errors(model) -> list[dict]:
-    """Relative weight error ||Q(W) - W|| / ||W|| of every quantized linear layer, for reports and plots."""
+    """Relative weight error ||Q(W) - W|| / ||W|| of every quantized linear layer, for reports and plots (an
+    offloaded layer's weight is read in for its row, one layer at a time)."""
     import torch
 
     rows = []
@@ -320,23 +456,115 @@ def layer_errors(model) -> list[dict]:
             quantizer = getattr(module, "weight_quantizer", None)
             if quantizer is None or not quantizer.is_enabled:
                 continue
-            weight = module.weight.float()
-            error = (quantizer(module.weight).float() - weight).norm() / weight.norm().clamp_min(1e-12)
+            with weights_of(module, model):
+                weight = module.weight.float()
+                error = (quantizer(module.weight).float() - weight).norm() / weight.norm().clamp_min(1e-12)
             rows.append({"layer": name, "relative_error": round(float(error), 6), "shape": list(weight.shape)})
     return rows
 
 
-def export_unified(model, dtype, export_dir, max_shard_size: str) -> None:
+def export_unified(model, dtype, export_dir, max_shard_size: str, on_layer: Callable[[int, int], None] | None = None
+                   ) -> None:
     """ModelOpt's unified Hugging Face checkpoint: real quantized tensors, hf_quant_config.json, in shards of at
     most `max_shard_size` with an index when it takes more than one. The exporter's dtype leaves unquantized
     tensors (embeddings, norms) as they are, so the model is cast first. Exporters change the model in place:
-    callers pass a model they no longer need."""
+    callers pass a model they no longer need.
+
+    A model with offloaded weights goes through ModelOpt's streaming exporter (one decoder layer in memory at a
+    time); its weights are cast as they are read, and `on_layer(done, total)` is called as each decoder layer is
+    written (the exporter has no callback: a state_dict hook on each layer sees it being written)."""
+    import torch
     from modelopt.torch.export import export_hf_checkpoint
 
-    model.to(dtype)
-    with library_prints(), warnings.catch_warnings():
+    check_architectures(model)
+    offloaded = is_offloaded(model)
+    if offloaded:
+        OffloadedReplay.of(model).dtype = dtype
+        torch.nn.Module.to(model, dtype)  # meta weights take the dtype, resident ones are cast (accelerate refuses)
+    else:
+        model.to(dtype)
+    with library_prints(), warnings.catch_warnings(), _streamed_resmoothing(model, offloaded), \
+            _layers_written(model, on_layer if offloaded else None):
         warnings.simplefilter("ignore")
         export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir, max_shard_size=max_shard_size)
+
+
+def check_architectures(model) -> None:
+    """ModelOpt's exporters read config.architectures (a list) and fail on a config without it. Filling it in from
+    the model class would be a guess about what the user's serving engine should load, so it is a BadInput."""
+    if not getattr(model.config, "architectures", None):
+        raise BadInput(f"the model's config.json has no \"architectures\" (ModelOpt's exporter needs it); add "
+                       f"\"architectures\": [\"{type(model).__name__}\"] to config.json if that is the class to serve")
+
+
+@contextlib.contextmanager
+def _layers_written(model, on_layer: Callable[[int, int], None] | None) -> Iterator[None]:
+    if on_layer is None:
+        yield
+        return
+    from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+    layers = LayerActivationCollector.get_decoder_layers(model) or []
+    seen: set[int] = set()
+
+    def written(index: int):
+        def hook(*_):
+            if index not in seen:
+                seen.add(index)
+                on_layer(len(seen), len(layers))
+        return hook
+
+    handles = [layer.register_state_dict_post_hook(written(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _streamed_resmoothing(model, offloaded: bool) -> Iterator[None]:
+    """ModelOpt 0.47's streaming export resmooths AWQ/SmoothQuant layers that share an input (one pre-quant scale
+    for q/k/v, folded into the layer norm) on the meta weights of offloaded modules: the result is lost and their
+    weight amax becomes meta. While the offloaded model exports, those two steps run on each module with its
+    weights read in, and the rescaling is added to the weights' replay, so nothing is kept in memory."""
+    if not offloaded:
+        yield
+        return
+    from unittest import mock
+
+    import torch
+    from modelopt.torch.export import quant_utils, unified_export_hf
+
+    replay = OffloadedReplay.of(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    update, fuse = quant_utils._update_pre_quant_scale, unified_export_hf.fuse_prequant_layernorm
+
+    def update_pre_quant_scale(module, new_scale):
+        if not module.weight.is_meta:
+            return update(module, new_scale)
+        old = module.input_quantizer._pre_quant_scale.detach().clone()
+        new = new_scale.detach().clone()
+
+        def resmooth(weight):  # ModelOpt's arithmetic, in fp32
+            return (weight.to(torch.float32) * old.to(torch.float32) / new.to(torch.float32)).to(weight.dtype)
+
+        with weights_of(module, model):  # ModelOpt resmooths the weight read in and redoes its amax on it
+            update(module, new_scale)
+        replay.after_cast.setdefault(f"{names[id(module)]}.weight", []).append(resmooth)  # later reads too
+
+    def fuse_prequant_layernorm(norm, modules):
+        if not norm.weight.is_meta:
+            return fuse(norm, modules)
+        with weights_of(norm, model):
+            fuse(norm, modules)
+            fused = {k: v.detach().clone() for k, v in norm.named_parameters(recurse=False)}
+        for key, value in fused.items():  # a norm's weight is one vector: kept as it is
+            replay.after_cast.setdefault(f"{names[id(norm)]}.{key}", []).append(lambda _, v=value: v)
+
+    with mock.patch.object(quant_utils, "_update_pre_quant_scale", update_pre_quant_scale), \
+            mock.patch.object(unified_export_hf, "fuse_prequant_layernorm", fuse_prequant_layernorm):
+        yield
 
 
 def rope_theta(config) -> float | None:

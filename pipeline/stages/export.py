@@ -101,7 +101,7 @@ class Export(Stage):
             if fmt == "hf":
                 link_tree(quantized / CHECKPOINT, target)
             elif fmt == "trtllm":
-                _export_trtllm(ctx.inputs, target, spec)
+                _export_trtllm(ctx, target, spec)
             else:
                 details = _export_onnx(ctx.inputs, target)
             for name in TOKENIZER_FILES:
@@ -141,13 +141,22 @@ def _check_parallelism(model: dict, tp: int, pp: int) -> None:
         raise BadInput(f"export.pp {pp} exceeds the model's {model['num_layers']} layers; lower it")
 
 
-def _export_trtllm(inputs: dict, target: Path, spec) -> None:
+def _export_trtllm(ctx, target: Path, spec) -> None:
+    """ModelOpt 0.47's TensorRT-LLM exporter reads every weight directly (it has no streaming form for offloaded
+    models), so the model must fit the CPU memory budget: one that would spill to disk stops here, before loading,
+    with exit 4 (the hf checkpoint, written layer by layer by quantize, is what TensorRT-LLM loads today)."""
     import torch
 
+    from pipeline import placement
     from pipeline.quant import export_trtllm
     from pipeline.state import restore_model
 
-    model, _ = restore_model(inputs)
+    folder = ctx.inputs["load"] / "model"
+    placed = placement.plan(folder, ctx.recipe.model.model_copy(update={"device": "cpu"}))
+    if placed.spills:
+        raise HostLacks(f"export format trtllm needs the whole model in CPU memory ({placed.describe()} under "
+                        "model.max_memory); raise model.max_memory.cpu on a larger host or export hf only")
+    model, _ = restore_model(ctx.inputs)
     export_trtllm(model, getattr(torch, spec.dtype), target, spec.tp, spec.pp)
 
 

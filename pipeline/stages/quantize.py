@@ -3,7 +3,11 @@ unified checkpoint: packed weights plus scales), with a per-layer report of the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import sys
+import time
 
 from pipeline.facts import Facts
 from pipeline.fmt import human_bytes
@@ -40,18 +44,44 @@ class Quantize(Stage):
     def run(self, ctx: StageContext) -> QuantizeFacts:
         import torch
 
-        from pipeline.quant import export_unified, layer_errors
-        from pipeline.state import restore_model
+        from pipeline.quant import check_architectures, export_unified, layer_errors
+        from pipeline.state import restore_placed
 
         loaded = ctx.input("load")
-        model, _ = restore_model(ctx.inputs)
-        model_dtype = str(model.dtype).removeprefix("torch.")  # before export casts it to export.dtype
-        errors = layer_errors(model)
-        (ctx.out / LAYERS).write_text(json.dumps(errors, indent=2))
-        spec = ctx.recipe.export
-        export_unified(model, getattr(torch, spec.dtype), ctx.out / CHECKPOINT, spec.max_shard_size)
+        scratch = ctx.out.parent / f".offload-{ctx.out.name}"  # beside the work folder, never part of the artifact
+        try:
+            model, _, placed = restore_placed(ctx, scratch)
+            check_architectures(model)  # before the per-layer errors, which read every weight
+            model_dtype = str(next(iter(model.parameters())).dtype).removeprefix("torch.")  # before export's cast
+            errors = layer_errors(model)
+            (ctx.out / LAYERS).write_text(json.dumps(errors, indent=2))
+            spec = ctx.recipe.export
+            export_unified(model, getattr(torch, spec.dtype), ctx.out / CHECKPOINT, spec.max_shard_size,
+                           on_layer=LayerWritten(ctx) if placed.spills else None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         weights = sum(p.stat().st_size for p in (ctx.out / CHECKPOINT).glob("*.safetensors"))
         fp16_bytes = loaded.facts.parameters * 2
         return QuantizeFacts(quantized_layers=len(errors), model_dtype=model_dtype, checkpoint_bytes=weights,
                              fp16_bytes=fp16_bytes, size_ratio_fp16=weights / fp16_bytes,
                              worst_layer_error=max((e["relative_error"] for e in errors), default=0.0))
+
+
+class LayerWritten:
+    """A progress event per decoder layer the streaming export has written, with elapsed time and time left."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx, self.started = ctx, time.time()
+        self.stdout = sys.stdout  # ModelOpt's prints are routed to the log while it exports; events are not
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.time() - self.started
+        remaining = elapsed / done * (total - done)
+        with contextlib.redirect_stdout(self.stdout):
+            self._report(done, total, elapsed, remaining)
+
+    def _report(self, done: int, total: int, elapsed: float, remaining: float) -> None:
+        self.ctx.report({"layer": done, "layers": total, "elapsed_s": round(elapsed, 2),
+                         "remaining_s": round(remaining, 2),
+                         "message": f"layer {done}/{total} exported, {elapsed:.0f} s elapsed, about "
+                                    f"{remaining:.0f} s left"})
