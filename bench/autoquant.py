@@ -19,10 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import autoquant, data, evaluate, runner  # noqa: E402
-from pipeline.recipe import load_recipe  # noqa: E402
+from pipeline.recipe import (
+    CANDIDATE_BITS,  # noqa: E402  (bits per weight of each single format)
+    load_recipe,  # noqa: E402
+)
 from pipeline.store import ArtifactStore  # noqa: E402
-
-from pipeline.recipe import CANDIDATE_BITS  # noqa: E402  (bits per weight of each single format)
 
 
 def perplexity(load_path: Path, calibrate_path: Path | None, tokens: int) -> float:

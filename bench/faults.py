@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.faults import fingerprint, random_trials, seed_store, trial  # noqa: E402
 from pipeline.stages import NAMES  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
+from tests.faults import fingerprint, random_trials, seed_store, trial  # noqa: E402
 
 # Small calibration and evaluation, checkpoints only (no ONNX or engine), so 20 trials fit in minutes.
 TINY = ["calibration.samples=4", "calibration.seq_len=64", "verify.tokens=256", "verify.seq_len=128",

@@ -74,9 +74,9 @@ def test_one_engine_for_ada_and_blackwell_rtx(run_preset):
 
 
 def test_nvfp4_engine_for_blackwell_rtx_from_fp4_onnx(run_preset, tmp_path):
-    from pipeline.verify.dequant import onnx_fp4_weights
     from pipeline.modeling import load_model
     from pipeline.quant import fold_weight_quantization, restore_calibration
+    from pipeline.verify.dequant import onnx_fp4_weights
 
     outcomes = {o.stage: o for o in run_preset("nvfp4", until="build").outcomes}
     build, export = outcomes["build"].artifact, outcomes["export"].artifact

@@ -6,7 +6,6 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline import formats
-from pipeline.verify.dequant import effective_weights
 from pipeline.errors import BadInput
 from pipeline.quant import (
     export_unified,
@@ -18,6 +17,7 @@ from pipeline.quant import (
     weight_digests,
 )
 from pipeline.recipe import QuantizationSpec
+from pipeline.verify.dequant import effective_weights
 
 
 def tiny_llama(hidden: int = 128, intermediate: int = 256, seed: int = 0):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from pipeline import runner
-from pipeline.verify.dequant import effective_weights
 from pipeline.errors import BadInput
 from pipeline.modeling import INDEX_FILE
 from pipeline.recipe import load_recipe
 from pipeline.store import ArtifactStore
+from pipeline.verify.dequant import effective_weights
 
 CALIB = Path(__file__).resolve().parents[1] / "calib_data" / "calib.txt"
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
