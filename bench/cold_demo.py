@@ -25,10 +25,12 @@ from results import append
 
 
 def cold_run(checkout: Path, overrides: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS bytes, exit code) of `python -m pipeline run default` in `checkout`, empty cache."""
+    """(wall seconds, peak RSS bytes, exit code) of `python -m pipeline run default` in `checkout`, empty cache and
+    engines folder."""
     with tempfile.TemporaryDirectory(prefix="quantpipe-cold-") as cache:
         command = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "pipeline", "run", "default",
-                   *[arg for item in overrides for arg in ("--set", item)], "--cache-dir", cache]
+                   *[arg for item in overrides for arg in ("--set", item)], "--cache-dir", cache,
+                   "--engines-dir", str(Path(cache) / "engines")]  # publishing stays out of the checkouts
         env = {**os.environ, "PYTHONPATH": str(checkout)}
         started = time.perf_counter()
         proc = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, check=False)
