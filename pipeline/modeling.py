@@ -45,19 +45,26 @@ def state_dict(model):
     """(name, tensor on the CPU) for every entry of model.state_dict(), one at a time: weights accelerate placed on
     a GPU are copied back, offloaded (meta) ones are read from accelerate's weights map as they are reached, so the
     model is never materialised whole (accelerate's get_state_dict_offloaded_model would hold it all)."""
-    from accelerate.hooks import AlignDevicesHook, SequentialHook
-
-    weights = None
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
-            if isinstance(h, AlignDevicesHook) and h.offload and h.weights_map is not None:
-                weights = getattr(h.weights_map, "dataset", h.weights_map)  # every hook shares accelerate's loader
+    hooks = offload_hooks(model)
+    weights = getattr(hooks[-1].weights_map, "dataset", hooks[-1].weights_map) if hooks else None  # one shared loader
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.is_meta and weights is not None and name in weights:
             yield name, weights[name]
         else:
             yield name, tensor.detach().cpu()
+
+
+def offload_hooks(model) -> list:
+    """accelerate's offloading hooks (those holding a weights map) of every module of `model`."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    found = []
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
+            if isinstance(h, AlignDevicesHook) and h.offload and h.weights_map is not None:
+                found.append(h)
+    return found
 
 
 INDEX_FILE = "model.safetensors.index.json"

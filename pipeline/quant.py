@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pipeline import formats
 from pipeline.architectures import family
 from pipeline.errors import BadInput
-from pipeline.modeling import state_dict
+from pipeline.modeling import offload_hooks, state_dict
 from pipeline.recipe import QuantizationSpec
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,19 @@ def computes_on_cpu(model) -> bool:
     return not any(p.device.type == "cuda" for p in model.parameters())
 
 
+def _cpu_backend(num_bits, block_sizes: dict | None) -> str | None:
+    """The CPU fake quantizer covering these value and scale bits, if any."""
+    scale_bits = (block_sizes or {}).get("scale_bits")
+    return next((q.backend for q in formats.cpu_quantizers() if (q.num_bits, q.scale_bits) == (num_bits, scale_bits)),
+                None)
+
+
 def use_cpu_quantizers(config: dict) -> None:
     """Point every quantizer entry whose value and scale bits a CPU fake quantizer covers at that quantizer."""
-    by_bits = {(q.num_bits, q.scale_bits): q.backend for q in formats.cpu_quantizers()}
     for entry in config["quant_cfg"]:
         cfgs = entry.get("cfg")
         for cfg in cfgs if isinstance(cfgs, list) else [cfgs] if cfgs else []:
-            backend = by_bits.get((cfg.get("num_bits"), (cfg.get("block_sizes") or {}).get("scale_bits")))
+            backend = _cpu_backend(cfg.get("num_bits"), cfg.get("block_sizes"))
             if backend:
                 cfg["backend"] = backend
 
@@ -73,10 +79,9 @@ def _use_cpu_quantizer_modules(model) -> None:
     """use_cpu_quantizers for the quantizers of a model already quantized."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    by_bits = {(q.num_bits, q.scale_bits): q.backend for q in formats.cpu_quantizers()}
     for module in model.modules():
-        if isinstance(module, TensorQuantizer) and module.backend is None and module.block_sizes:
-            backend = by_bits.get((module.num_bits, module.block_sizes.get("scale_bits")))
+        if isinstance(module, TensorQuantizer) and module.backend is None:
+            backend = _cpu_backend(module.num_bits, module.block_sizes)
             if backend:
                 module.backend = backend
 
@@ -202,12 +207,18 @@ RESCALED_FILE = "rescaled.json"
 def _smoothed(weight, module):
     """The weight AWQ/SmoothQuant leave behind: ModelOpt's apply_pre_quant_scale_and_smooth multiplies each input
     column by 1 / pre_quant_scale (in fp32). Replaying it lets the state store the scale, not the weight."""
-    import torch
 
     pqs = getattr(module.input_quantizer, "_pre_quant_scale", None) if hasattr(module, "input_quantizer") else None
     if pqs is None:
         return None
-    inverse = 1.0 / pqs.to(weight.device, torch.float32)  # the scale may sit on the GPU calibration used
+    return _divide_columns(weight, pqs)
+
+
+def _divide_columns(weight, pre_quant_scale):
+    """weight with each input column divided by its pre-quant scale, computed in fp32 as ModelOpt does."""
+    import torch
+
+    inverse = 1.0 / pre_quant_scale.to(weight.device, torch.float32)  # the scale may sit on the GPU calibration used
     return (weight * inverse.squeeze()[None, :]).to(weight.dtype)
 
 
@@ -345,7 +356,7 @@ class OffloadedReplay:
         """The model's replay (installed on every offload hook on first use), or None when nothing is offloaded."""
         from accelerate.utils.offload import PrefixedDataset
 
-        hooks = [h for h in _offload_hooks(model) if isinstance(h.weights_map, PrefixedDataset)]
+        hooks = [h for h in offload_hooks(model) if isinstance(h.weights_map, PrefixedDataset)]
         if not hooks:
             return None
         existing = next((h.weights_map.dataset for h in hooks if isinstance(h.weights_map.dataset, cls)), None)
@@ -375,7 +386,6 @@ class OffloadedReplay:
         return key in self.loader
 
     def __getitem__(self, key: str):
-        import torch
         from safetensors import safe_open
 
         if key in self.replaced:
@@ -385,8 +395,7 @@ class OffloadedReplay:
         else:
             tensor = self.loader[key]
         if key in self.scales:
-            inverse = 1.0 / self.scales[key].to(tensor.device, torch.float32)  # as _smoothed does
-            tensor = (tensor * inverse.squeeze()[None, :]).to(tensor.dtype)
+            tensor = _divide_columns(tensor, self.scales[key])
         if self.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
         for step in self.after_cast.get(key, ()):
@@ -416,21 +425,8 @@ class OffloadedReplay:
         self.scales[name] = pre_quant_scale.detach().clone()
 
 
-def _offload_hooks(model) -> list:
-    """accelerate's offloading hooks (those holding a weights map) of every module of `model`."""
-    from accelerate.hooks import AlignDevicesHook, SequentialHook
-
-    found = []
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        for h in hook.hooks if isinstance(hook, SequentialHook) else [hook]:
-            if isinstance(h, AlignDevicesHook) and h.offload and h.weights_map is not None:
-                found.append(h)
-    return found
-
-
 def is_offloaded(model) -> bool:
-    return bool(_offload_hooks(model))
+    return bool(offload_hooks(model))
 
 
 @contextlib.contextmanager
