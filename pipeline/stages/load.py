@@ -3,6 +3,7 @@ self-contained safetensors directory with its tokenizer, refusing pickle weights
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -10,8 +11,10 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from pipeline import architectures
 from pipeline.errors import BadInput
@@ -182,9 +185,10 @@ class Load(Stage):
 
         quiet_libraries()
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
-        log.info("importing %s (takes about 30 s, done once)", gguf_file)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch_dtype)
+        log.info("importing %s (done once)", gguf_file)
+        with _gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch_dtype)
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -237,6 +241,20 @@ class Load(Stage):
         )
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code).save_pretrained(out)
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file three times (config, tokenizer, weights) and rebuilds gguf's tensor-name map
+    for every module it walks; those repeats were two thirds of importing the default model. Inside this block each
+    file is parsed once and each map built once (transformers imports both names from gguf at each call)."""
+    import gguf
+
+    parse = functools.cache(gguf.GGUFReader)
+    name_map = functools.cache(gguf.get_tensor_name_map)
+    with (mock.patch.object(gguf, "GGUFReader", lambda path, mode="r": parse(os.fspath(path), mode)),
+          mock.patch.object(gguf, "get_tensor_name_map", name_map)):
+        yield
 
 
 def check_tokenizer(folder: Path) -> None:
